@@ -1,0 +1,52 @@
+"""Settings: one immutable object built once (environment ``TELERAD_*``, CLI flags override) and passed in."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DuplicatePolicy(str, enum.Enum):
+    """What STOW-RS does with a SOP Instance UID already stored with different bytes."""
+
+    REJECT = "reject"
+    REPLACE = "replace"
+
+
+class Settings(BaseSettings):
+    """All settings of the server; frozen after construction."""
+
+    model_config = SettingsConfigDict(env_prefix="TELERAD_", frozen=True, extra="ignore")
+
+    data_dir: Path = Field(default=Path("data"), description="Folder for the SQLite index, blobs and keys")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///DATA_DIR/index.sqlite3"
+    )
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_base_url: str | None = Field(
+        default=None, description="Base URL used in RetrieveURL/BulkDataURI; default from the request"
+    )
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.REJECT
+    max_stow_bytes: int = Field(default=64 * 1024**3, description="Largest accepted STOW-RS request body")
+    max_part_bytes: int = Field(default=16 * 1024**3, description="Largest accepted DICOM part")
+    qido_max_limit: int = Field(default=1000, description="Largest QIDO page; bigger limits are cut")
+    qido_default_limit: int = 1000
+    token_ttl_seconds: int = 3600 * 24 * 365
+    fsync: bool = Field(default=True, description="fsync blobs before the index commits (never off in production)")
+    log_level: str = "info"
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to SQLite inside the data folder."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'index.sqlite3').resolve()}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment, then apply explicit (CLI) overrides that are not None."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
