@@ -1,0 +1,97 @@
+"""Composition root: build the services from the settings and wire the HTTP edges."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import __version__
+from server.config import Settings
+from server.dicomweb import routes as dicomweb_routes
+from server.dicomweb.search import QidoService
+from server.dicomweb.status import HTTP_STATUS_BY_KIND, error_body
+from server.dicomweb.stow import StowService
+from server.dicomweb.wado import WadoService
+from server.errors import ErrorKind, ServerError
+from server.security.tokens import load_or_create_key
+from server.store.archive import Archive
+from server.store.blobs import BlobStore
+from server.store.db import make_engine
+from server.store.migrate import upgrade
+
+log = logging.getLogger("server")
+
+DESCRIPTION = (
+    "telerad-bridge: one site's gateway of the DRG teleradiology network. DICOMweb (PS3.18) under /dicomweb; "
+    "every request needs `Authorization: Bearer` (see `telerad token`)."
+)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The ASGI application for ``settings``: migrates the index and prepares the data folder."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url)
+    upgrade(engine)
+    blobs = BlobStore(settings.data_dir, fsync=settings.fsync)
+    blobs.sweep_tmp()
+    archive = Archive(engine)
+
+    app = FastAPI(title="telerad-bridge", version=__version__, description=DESCRIPTION)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.archive = archive
+    app.state.token_key = load_or_create_key(settings.data_dir)
+    app.state.stow = StowService(settings, blobs, archive)
+    app.state.wado = WadoService(blobs, archive)
+    app.state.qido = QidoService(settings, engine)
+    app.include_router(dicomweb_routes.router)
+
+    @app.get("/healthz", tags=["Operations"], description="Liveness: 200 when the index answers.")
+    async def healthz() -> dict:
+        archive.ping()
+        return {"status": "ok", "version": __version__}
+
+    _install_error_handlers(app)
+    return app
+
+
+def _error_response(request: Request, status: int, message: str, parameter: str | None = None) -> Response:
+    """The error body of the edge the request belongs to (DICOMweb: DICOM JSON)."""
+    headers = {}
+    if status == 401:
+        error = ' error="invalid_token"' if request.headers.get("authorization") else ""
+        headers["WWW-Authenticate"] = f'Bearer realm="telerad-bridge"{error}'
+    return JSONResponse(error_body(message, parameter), status_code=status, media_type="application/dicom+json",
+                        headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServerError)
+    async def server_error(request: Request, exc: ServerError) -> Response:
+        if exc.kind is ErrorKind.INTERNAL:
+            return _internal(request, exc)
+        return _error_response(request, HTTP_STATUS_BY_KIND[exc.kind], exc.message, exc.parameter)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return _error_response(request, 400, "invalid request parameters")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return _error_response(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        return _internal(request, exc)
+
+
+def _internal(request: Request, exc: BaseException) -> Response:
+    """Log once with a correlation id; the peer sees only the id."""
+    correlation = uuid.uuid4().hex[:12]
+    log.error("internal error %s on %s %s", correlation, request.method, request.url.path, exc_info=exc)
+    return _error_response(request, 500, f"internal error (correlation id {correlation})")

@@ -1,0 +1,246 @@
+"""Index writes of STOW-RS and the lookups of WADO-RS: all their SQL lives here.
+
+Instances are indexed in batches: one transaction per batch of durable blobs, so a crash leaves either
+the whole batch or none of it indexed (the blobs are already durable). Study and series rows carry the
+aggregates QIDO returns (counts, ModalitiesInStudy, transfer syntaxes) and a revision for ETags.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Session
+
+from server.dicom.attributes import Level
+from server.errors import ErrorKind, ServerError
+from server.store.models import Instance, Series, Study
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """What the archive needs to index one instance whose blob is durable."""
+
+    parsed: object  # server.dicom.parse.ParsedInstance (duck-typed to keep store free of cores' imports)
+    blob: str
+    size: int
+
+
+class Verdict:
+    """Per-instance result of ``index_batch``."""
+
+    STORED = "stored"
+    IDENTICAL = "identical"  # same SOP Instance UID, same bytes: idempotent success
+    DUPLICATE = "duplicate"  # same SOP Instance UID, different bytes, policy reject
+    REPLACED = "replaced"
+    SERIES_CONFLICT = "series-conflict"  # the series belongs to another study
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    """Verdict of one instance of a batch, with a message for conflicts."""
+
+    verdict: str
+    message: str = ""
+
+
+class Archive:
+    """The DICOM index of one database (all tenants)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._write_lock = threading.Lock()  # SQLite has one writer: serialise in-process writers
+
+    # ---- writes -------------------------------------------------------------------------------
+    def index_batch(self, tenant: str, items: Sequence[NewInstance], *, replace: bool) -> list[IndexResult]:
+        """Index durable instances in one transaction; retries once per conflicting concurrent writer."""
+        for attempt in range(5):
+            try:
+                if self._sqlite:
+                    with self._write_lock:
+                        return self._index_batch_once(tenant, items, replace=replace)
+                return self._index_batch_once(tenant, items, replace=replace)
+            except (IntegrityError, OperationalError) as exc:
+                if attempt == 4:
+                    raise ServerError(ErrorKind.INTERNAL, "index write failed after retries") from exc
+        raise AssertionError("unreachable")
+
+    def _index_batch_once(self, tenant: str, items: Sequence[NewInstance], *, replace: bool) -> list[IndexResult]:
+        results: list[IndexResult] = []
+        with Session(self.engine, expire_on_commit=False) as session:
+            studies: dict[str, Study] = {}
+            series_rows: dict[str, Series] = {}
+            for item in items:
+                results.append(self._index_one(session, tenant, item, replace, studies, series_rows))
+            now = datetime.now(timezone.utc)
+            for st in studies.values():
+                st.updated_at = now
+                session.add(st)
+            for se in series_rows.values():
+                session.add(se)
+            session.commit()
+        return results
+
+    def _index_one(self, session: Session, tenant: str, item: NewInstance, replace: bool,
+                   studies: dict[str, Study], series_rows: dict[str, Series]) -> IndexResult:
+        p = item.parsed
+        existing = session.execute(
+            select(Instance).where(Instance.tenant == tenant, Instance.sop_uid == p.sop_instance_uid)
+        ).scalars().first()
+        if existing is not None:
+            if existing.blob == item.blob:
+                return IndexResult(Verdict.IDENTICAL)
+            if not replace:
+                return IndexResult(Verdict.DUPLICATE, (
+                    f"SOP Instance {p.sop_instance_uid} is already stored with different content; "
+                    "the archive keeps the first version (duplicate policy 'reject')"))
+        series = self._series(session, tenant, p, series_rows)
+        if series is not None and series.study_uid != p.study_uid:
+            return IndexResult(Verdict.SERIES_CONFLICT, (
+                f"Series {p.series_uid} belongs to study {series.study_uid}, not {p.study_uid}"))
+        if existing is not None:
+            self._remove(session, existing, studies, series_rows)
+            series = self._series(session, tenant, p, series_rows)
+        study = self._study(session, tenant, p, studies)
+        if series is None:
+            series = Series(tenant=tenant, study_pk=study.id, study_uid=p.study_uid,
+                            attrs=p.attrs[Level.SERIES], **_columns(p, Level.SERIES))
+            session.add(series)
+            session.flush()
+            series_rows[p.series_uid] = series
+            study.number_of_series += 1
+        inst = Instance(tenant=tenant, study_pk=study.id, series_pk=series.id, study_uid=p.study_uid,
+                        series_uid=p.series_uid, transfer_syntax_uid=p.transfer_syntax_uid, blob=item.blob, size=item.size,
+                        attrs=p.attrs[Level.INSTANCE], meta=p.meta, bulk=json.dumps(dict(p.bulk)),
+                        **_columns(p, Level.INSTANCE))
+        session.add(inst)
+        study.number_of_instances += 1
+        study.revision += 1
+        series.number_of_instances += 1
+        series.revision += 1
+        study.modalities_in_study = _add_value(study.modalities_in_study, series.modality)
+        series.transfer_syntaxes = _add_value(series.transfer_syntaxes, p.transfer_syntax_uid)
+        return IndexResult(Verdict.REPLACED if existing is not None else Verdict.STORED)
+
+    def _study(self, session: Session, tenant: str, p, cache: dict[str, Study]) -> Study:
+        study = cache.get(p.study_uid)
+        if study is None:
+            study = session.execute(
+                select(Study).where(Study.tenant == tenant, Study.study_uid == p.study_uid)
+            ).scalars().first()
+        if study is None:
+            study = Study(tenant=tenant, attrs=p.attrs[Level.STUDY], **_columns(p, Level.STUDY))
+            session.add(study)
+            session.flush()
+        cache[p.study_uid] = study
+        return study
+
+    def _series(self, session: Session, tenant: str, p, cache: dict[str, Series]) -> Series | None:
+        series = cache.get(p.series_uid)
+        if series is None:
+            series = session.execute(
+                select(Series).where(Series.tenant == tenant, Series.series_uid == p.series_uid)
+            ).scalars().first()
+            if series is not None:
+                cache[p.series_uid] = series
+        return series
+
+    def _remove(self, session: Session, inst: Instance, studies: dict[str, Study], series_rows: dict[str, Series]) -> None:
+        """Drop an instance row (replace policy) and fix the aggregates of its series and study."""
+        session.delete(inst)
+        session.flush()
+        series = session.get(Series, inst.series_pk)
+        study = session.get(Study, inst.study_pk)
+        series.number_of_instances -= 1
+        series.revision += 1
+        study.number_of_instances -= 1
+        study.revision += 1
+        series.transfer_syntaxes = _values_of(session, Instance.transfer_syntax_uid, Instance.series_pk == series.id)
+        if series.number_of_instances == 0:
+            session.delete(series)
+            series_rows.pop(series.series_uid, None)
+            study.number_of_series -= 1
+            session.flush()
+            study.modalities_in_study = _values_of(session, Series.modality, Series.study_pk == study.id)
+        if study.number_of_instances == 0:
+            session.delete(study)
+            studies.pop(study.study_uid, None)
+            session.flush()
+        else:
+            studies[study.study_uid] = study
+
+    # ---- reads for WADO-RS --------------------------------------------------------------------
+    def instances(self, tenant: str, study_uid: str, series_uid: str | None = None,
+                  sop_uid: str | None = None, *, with_meta: bool = False) -> list[Instance]:
+        """Instances of a study/series/instance in stable order (series number, instance number)."""
+        cols = [Instance.id, Instance.sop_uid, Instance.series_uid, Instance.study_uid, Instance.sop_class_uid,
+                Instance.transfer_syntax_uid, Instance.blob, Instance.size, Instance.bulk, Instance.number_of_frames]
+        if with_meta:
+            cols.append(Instance.meta)
+        stmt = (select(*cols).join(Series, Series.id == Instance.series_pk)
+                .where(Instance.tenant == tenant, Instance.study_uid == study_uid))
+        if series_uid is not None:
+            stmt = stmt.where(Instance.series_uid == series_uid)
+        if sop_uid is not None:
+            stmt = stmt.where(Instance.sop_uid == sop_uid)
+        stmt = stmt.order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
+        with Session(self.engine) as session:
+            return list(session.execute(stmt).all())
+
+    def revision(self, tenant: str, level: Level, study_uid: str, series_uid: str | None = None,
+                 sop_uid: str | None = None) -> str | None:
+        """A token that changes whenever the resource's content changes (for ETags); None if absent."""
+        with Session(self.engine) as session:
+            if level is Level.STUDY:
+                row = session.execute(select(Study.id, Study.revision).where(
+                    Study.tenant == tenant, Study.study_uid == study_uid)).first()
+            elif level is Level.SERIES:
+                row = session.execute(select(Series.id, Series.revision).where(
+                    Series.tenant == tenant, Series.series_uid == series_uid, Series.study_uid == study_uid)).first()
+            else:
+                row = session.execute(select(Instance.id, Instance.blob).where(
+                    Instance.tenant == tenant, Instance.sop_uid == sop_uid, Instance.series_uid == series_uid,
+                    Instance.study_uid == study_uid)).first()
+        return None if row is None else f"{level.value}-{row[0]}-{row[1]}"
+
+    def counts(self, tenant: str) -> dict[str, int]:
+        """Numbers of studies, series and instances of a tenant (for health and tests)."""
+        with Session(self.engine) as session:
+            return {
+                "studies": session.execute(select(func.count()).select_from(Study).where(Study.tenant == tenant)).one()[0],
+                "series": session.execute(select(func.count()).select_from(Series).where(Series.tenant == tenant)).one()[0],
+                "instances": session.execute(select(func.count()).select_from(Instance).where(Instance.tenant == tenant)).one()[0],
+            }
+
+    def ping(self) -> None:
+        """Fail unless the database answers."""
+        with Session(self.engine) as session:
+            session.execute(select(1)).one()
+
+
+def _columns(p, level: Level) -> dict[str, object]:
+    return dict(p.columns[level])
+
+
+def _add_value(joined: str | None, value: str | None) -> str | None:
+    """Add a value to a sorted, backslash-joined set."""
+    if not value:
+        return joined
+    values = set(joined.split("\\")) if joined else set()
+    values.add(value)
+    return "\\".join(sorted(values))
+
+
+def _values_of(session: Session, column, where) -> str | None:
+    values = sorted({v for (v,) in session.execute(select(column).where(where).distinct()).all() if v})
+    return "\\".join(values) or None
+
+
+__all__ = ["Archive", "IndexResult", "NewInstance", "Verdict"]

@@ -1,0 +1,118 @@
+"""Content-addressed blob files: written to a temporary name, fsynced, renamed, directory fsynced.
+
+Paths are ``blobs/ab/cd/<sha256 hex>``; never built from a value in the payload. A crash at any point
+leaves either a complete blob or a temporary file in ``tmp/`` (collected by ``sweep_tmp``); orphan blobs
+without an index row are harmless and may be collected later.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.errors import ErrorKind, ServerError
+
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class SpoolFile:
+    """A temporary file being written, hashed as it grows."""
+
+    path: Path
+    fd: int
+    sha256: "hashlib._Hash"
+    size: int = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append bytes; out-of-space is reported as RESOURCES (PS3.18 A700)."""
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ServerError(ErrorKind.RESOURCES, "out of storage space") from exc
+            raise
+        self.sha256.update(data)
+        self.size += len(data)
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        """Close and delete the temporary file."""
+        self.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class BlobStore:
+    """The blob folder of one data directory."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        self.blobs = root / "blobs"
+        self.fsync = fsync
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.blobs.mkdir(parents=True, exist_ok=True)
+
+    def spool(self) -> SpoolFile:
+        """A new temporary file in the same file system as the blobs."""
+        path = self.tmp / f"{uuid.uuid4().hex}.part"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return SpoolFile(path=path, fd=fd, sha256=hashlib.sha256())
+
+    def path_of(self, digest: str) -> Path:
+        """The path of a blob by its sha256 hex digest."""
+        if not _HEX.match(digest):
+            raise ServerError(ErrorKind.INTERNAL, "bad blob digest")
+        return self.blobs / digest[:2] / digest[2:4] / digest
+
+    def commit(self, spool: SpoolFile) -> str:
+        """Make a spooled file durable under its content address; returns the digest.
+
+        fsync the data, rename atomically, fsync the directory; if the blob exists already the
+        spool is dropped (same content).
+        """
+        digest = spool.sha256.hexdigest()
+        if self.fsync:
+            os.fsync(spool.fd)
+        spool.close()
+        target = self.path_of(digest)
+        if target.exists():
+            spool.discard()
+            return digest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(spool.path, target)
+        if self.fsync:
+            _fsync_dir(target.parent)
+        return digest
+
+    def sweep_tmp(self) -> int:
+        """Delete temporary files left by a crash; returns how many."""
+        count = 0
+        for p in self.tmp.glob("*.part"):
+            p.unlink(missing_ok=True)
+            count += 1
+        return count
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
