@@ -607,6 +607,7 @@ def bench_stow(t: Target, studies: list[StudyInfo], workers: int, problems: Prob
             "instances_per_s": round(stats["ok_instances"] / wall, 2) if wall else None,
             "mb_per_s": round(stats["bytes"] / wall / MB, 2) if wall else None,
             "request": summarize_latency(latencies), "server_cpu_s": round(cpu, 2), "client_cpu_s": round(client_cpu, 2),
+            "server_cpu_per_1000": round(cpu / stats["ok_instances"] * 1000, 2) if stats["ok_instances"] else None,
             "rss": rss.result(),
             "complete": stats["requests"] == len(studies) and stats["failed_instances"] == 0}
 
@@ -676,6 +677,7 @@ def run_queries(t: Target, name: str, queries: list[Query], accept: str, problem
     mismatches = 0
     statuses: dict[str, int] = {}
     counts: list[int | None] = []
+    encodings: set[str] = set()
     stop_at = min(deadline, time.monotonic() + phase_s)
     with client_for(t, 120) as client:
         for i, q in enumerate(queries[:warmup] + queries):
@@ -695,6 +697,7 @@ def run_queries(t: Target, name: str, queries: list[Query], accept: str, problem
             statuses[str(resp.status_code)] = statuses.get(str(resp.status_code), 0) + 1
             lat.append(el)
             nbytes += resp.num_bytes_downloaded
+            encodings.add(resp.headers.get("content-encoding", "identity"))
             req = f"GET {resp.request.url} Accept: {accept}"
             if resp.status_code == 204:
                 count = 0
@@ -718,7 +721,8 @@ def run_queries(t: Target, name: str, queries: list[Query], accept: str, problem
     valid = [c for c in counts if c is not None]
     return {**summarize_latency(lat), "statuses": statuses, "count_mismatches": mismatches,
             "results_mean": round(sum(valid) / len(valid), 2) if valid else None,
-            "bytes_per_response": round(nbytes / len(lat)) if lat else None}
+            "wire_bytes_per_response": round(nbytes / len(lat)) if lat else None,
+            "content_encodings": sorted(encodings)}
 
 
 def build_wado(studies: list[StudyInfo], reps: int, seed: int) -> tuple[list[Query], list[Query], list[Query]]:
@@ -738,8 +742,9 @@ def build_wado(studies: list[StudyInfo], reps: int, seed: int) -> tuple[list[Que
 
 def run_retrieve(t: Target, queries: list[Query], problems: Problems, phase_s: float, deadline: float) -> dict:
     lat: list[float] = []
-    total = 0
+    total = wire = 0
     mismatches = 0
+    encodings: set[str] = set()
     stop_at = min(deadline, time.monotonic() + phase_s)
     with client_for(t, 300) as client:
         for i, q in enumerate(queries[:2] + queries):
@@ -751,9 +756,11 @@ def run_retrieve(t: Target, queries: list[Query], problems: Problems, phase_s: f
             try:
                 with client.stream("GET", url, headers={"Accept": RETRIEVE_ACCEPT}) as resp:
                     chunks = []
-                    for chunk in resp.iter_raw():
+                    for chunk in resp.iter_bytes():  # decoded, should a server compress
                         n += len(chunk)
                         chunks.append(chunk)
+                    wire += resp.num_bytes_downloaded
+                    encodings.add(resp.headers.get("content-encoding", "identity"))
             except httpx.HTTPError as exc:
                 problems.add(t.key, "retrieve-exception", f"GET {url}", None, repr(exc))
                 continue
@@ -776,8 +783,8 @@ def run_retrieve(t: Target, queries: list[Query], problems: Problems, phase_s: f
                 problems.add(t.key, "retrieve-count", f"GET {url} Accept: {RETRIEVE_ACCEPT} (expected {q.expect} "
                              f"parts)", resp.status_code, f"content-type {ctype!r}, {parts} parts, {n} bytes")
     wall = sum(lat)
-    return {**summarize_latency(lat), "bytes": total, "mb_per_s": round(total / wall / MB, 2) if wall else None,
-            "count_mismatches": mismatches}
+    return {**summarize_latency(lat), "bytes": total, "wire_bytes": wire, "content_encodings": sorted(encodings),
+            "mb_per_s": round(total / wall / MB, 2) if wall else None, "count_mismatches": mismatches}
 
 
 def bench_big_stow(t: Target, gb: float, instance_mb: float, seed: int, problems: Problems,
@@ -859,7 +866,7 @@ def bench_target(t: Target, studies: list[StudyInfo], args: argparse.Namespace, 
                 continue
             res[key] = run_queries(t, key, qs, DICOM_JSON, problems, args.phase_seconds, deadline)
             log(f"  {key}: p50 {res[key]['p50_ms']} ms, p95 {res[key]['p95_ms']} ms (n={res[key]['n']}, "
-                f"{res[key]['bytes_per_response']} B/response)")
+                f"{res[key]['wire_bytes_per_response']} wire B/response, {res[key]['content_encodings']})")
         if time.monotonic() <= deadline:
             res["wado_retrieve_series"] = run_retrieve(t, retrieve[:args.retrieve_reps], problems, args.phase_seconds,
                                                        deadline)
@@ -943,6 +950,7 @@ def table(results: dict) -> tuple[str, list[dict]]:
     add("STOW instances/s", ["stow", "instances_per_s"], target="≥ 3x Orthanc", check=ge3)
     add("STOW MB/s", ["stow", "mb_per_s"])
     add("STOW request (1 study) p50 / p95 ms", ["stow", "request", "p50_ms"], lat=True)
+    add("STOW server CPU s per 1,000 instances", ["stow", "server_cpu_per_1000"], unit_digits=2)
     add("Peak RSS during STOW phase (MiB)", ["stow", "rss", "peak_rss_mib"])
     add("QIDO study list limit=100 p50 / p95 ms", ["qido_study_list", "p50_ms"], lat=True,
         target="p50 ≤ 1/10 Orthanc", check=le(0.1))
@@ -995,7 +1003,7 @@ def machine_info(tmp: Path) -> dict:
             vers[mod] = version(mod)
         except Exception:  # noqa: BLE001
             pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2 ** 30, 1),
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "ram_gib": round(psutil.virtual_memory().total / 2 ** 30, 1),
             "kernel": platform.release(), "python": platform.python_version(), "tmp_filesystem": fs, "git": git,
             "packages": vers}
 
@@ -1035,6 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     deadline = started + args.max_minutes * 60
+    load_at_start = os.getloadavg()
 
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - started:7.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -1079,7 +1088,8 @@ def main(argv: list[str] | None = None) -> int:
            "config": config, "data": {"instances": sum(len(s.parts) for s in studies), "bytes": total_bytes,
                                       "instance_bytes_mean": round(total_bytes / max(1, sum(len(s.parts)
                                                                                             for s in studies)))},
-           "machine": machine_info(args.tmp_dir or Path(tempfile.gettempdir())), "results": results, "table": rows,
+           "machine": {**machine_info(args.tmp_dir or Path(tempfile.gettempdir())), "loadavg_at_start": load_at_start},
+           "results": results, "table": rows,
            "problems": problems.items, "problem_counts": problems.counts, "interrupted": interrupted,
            "elapsed_s": round(time.monotonic() - started, 1)}
     path = args.output or RESULTS / f"dicomweb-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"

@@ -169,10 +169,10 @@ def client(app):
 class LiveServer:
     """uvicorn serving an app in a thread on a loopback port."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, port: int | None = None) -> None:
         import uvicorn
 
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
@@ -193,7 +193,17 @@ class LiveServer:
 
 
 @pytest.fixture
-def live_server(app) -> Iterator[LiveServer]:
-    """The app under uvicorn on loopback (both backends)."""
-    with LiveServer(app) as server:
-        yield server
+def live_server(settings: Settings) -> Iterator[LiveServer]:
+    """The app under uvicorn on loopback (both backends).
+
+    ``public_base_url`` is set because dicomweb-client sends a ``Host`` header without the port.
+    """
+    from server.app import create_app
+
+    port = _free_port()
+    app = create_app(settings.model_copy(update={"public_base_url": f"http://127.0.0.1:{port}"}))
+    try:
+        with LiveServer(app, port) as server:
+            yield server
+    finally:
+        app.state.engine.dispose()

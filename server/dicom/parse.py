@@ -37,6 +37,7 @@ Rules:
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import os
 import re
@@ -57,7 +58,6 @@ from server.dicom.json import (
     PIXEL_TAGS,
     dumps,
     ds_to_json,
-    float32_to_json,
     float_to_json,
     inline_binary,
     is_to_json,
@@ -308,8 +308,8 @@ LEVEL_ATTRIBUTES: dict[Level, frozenset[int]] = {
     Level.SERIES: frozenset(SERIES_ATTRIBUTES),
     Level.INSTANCE: frozenset(INSTANCE_ATTRIBUTES),
 }
-_LEVEL_KEYS: dict[Level, frozenset[str]] = {
-    level: frozenset(f"{tag:08X}" for tag in tags) for level, tags in LEVEL_ATTRIBUTES.items()
+_LEVEL_KEYS: dict[Level, tuple[str, ...]] = {
+    level: tuple(f"{tag:08X}" for tag in sorted(tags)) for level, tags in LEVEL_ATTRIBUTES.items()
 }
 _REQUIRED = (
     ("StudyInstanceUID", "0020000D"),
@@ -369,6 +369,8 @@ _DT = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6})
 
 def normalize_da(value: str) -> str | None:
     """DA "YYYYMMDD" (or legacy "YYYY.MM.DD") -> "YYYYMMDD"; None when not a date."""
+    if len(value) == 8 and value.isdigit() and "01" <= value[4:6] <= "12" and "01" <= value[6:] <= "31":
+        return value
     match = _DA.fullmatch(value.strip())
     if not match:
         return None
@@ -380,6 +382,8 @@ def normalize_da(value: str) -> str | None:
 
 def normalize_tm(value: str) -> str | None:
     """TM "HH[MM[SS[.F{1,6}]]]" (or legacy "HH:MM:SS") -> "HHMMSS[.FFFFFF]", string order = time order."""
+    if len(value) == 6 and value.isdigit() and value[:2] <= "23" and value[2:4] <= "59" and value[4:] <= "60":
+        return value
     match = _TM.fullmatch(value.strip())
     if not match:
         return None
@@ -436,7 +440,7 @@ _STRUCTS = {
 _ITEM_HEADER = {True: struct.Struct("<HHL"), False: struct.Struct(">HHL")}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Charset:
     """Python codecs of a Specific Character Set (PS3.5 6.1); ``extended`` when ISO 2022 escapes apply."""
 
@@ -478,14 +482,14 @@ _DICT_VR: dict[int, str | None] = {}
 
 
 def _dictionary_vr(tag: int) -> str | None:
-    """The public dictionary VR of a tag (repeating groups included), None when unknown or private."""
+    """The dictionary VR of a tag (repeating groups, private creators LO), None when unknown or private."""
     try:
         return _DICT_VR[tag]
     except KeyError:
         pass
     vr: str | None
     if tag >> 16 & 1:
-        vr = None
+        vr = "LO" if 0x0010 <= tag & 0xFFFF <= 0x00FF else None  # private creator (PS3.5 7.8.1)
     elif tag & 0xFFFF == 0:
         vr = "UL"
     else:
@@ -507,9 +511,7 @@ def _dictionary_vr(tag: int) -> str | None:
 def _implicit_vr(tag: int, pixel_representation: int) -> str:
     """VR of an implicit VR element (PS3.5 A.1): dictionary, private creator LO, else UN."""
     vr = _dictionary_vr(tag)
-    if vr is None:
-        return "LO" if tag >> 16 & 1 and 0x0010 <= tag & 0xFFFF <= 0x00FF else "UN"
-    return _resolve_vr(vr, pixel_representation)
+    return "UN" if vr is None else _resolve_vr(vr, pixel_representation)
 
 
 def _resolve_vr(vr: str, pixel_representation: int) -> str:
@@ -576,18 +578,16 @@ class _Parser:
         head = self.fill(0, WINDOW)
         if len(head) < 132 or head[128:132] != b"DICM":
             raise _invalid("not a DICOM PS3.10 file: no 'DICM' prefix after the 128-byte preamble")
-        explicit = head[136:138] in _VR_BYTES
         pos, elements = 132, {}
         while pos + 8 <= self.size:
             header = self.read(pos, 8, "file meta information element")
-            group, element = struct.unpack_from("<HH", header)
+            group, element, vrb = struct.unpack_from("<HH2s", header)
             if group != 0x0002:
                 break
-            if not explicit:
-                (length,), start = struct.unpack_from("<L", header, 4), pos + 8
-            elif header[4:6] not in _VR_BYTES:
+            vr = _VR_BYTES.get(vrb)  # the file meta information is always Explicit VR Little Endian
+            if vr is None:
                 raise _invalid("not a DICOM PS3.10 file: malformed file meta information")
-            elif _VR_BYTES[header[4:6]] in _LONG_VRS:
+            if vr in _LONG_VRS:
                 (length,), start = struct.unpack("<L", self.read(pos + 8, 4, "file meta element")), pos + 12
             else:
                 (length,), start = struct.unpack_from("<H", header, 6), pos + 8
@@ -616,17 +616,20 @@ class _Parser:
         u32 = _STRUCTS[syn.little][2]
         single = _SINGLE[syn.little]
         vr_bytes, long_vrs, categories, keys, special = _VR_BYTES, _LONG_VRS, _CATEGORY, _KEYS, _SPECIAL
+        cache = _VALUE_CACHE
+        buf, base = self.buf, self.base  # the window; reloaded after every call that may move it
+        buflen = len(buf)
         while True:
             if pos >= limit:
                 if end is None:
                     raise _invalid(f"truncated: item without item delimiter runs past the end of the file at byte {pos}")
                 return out, pos
-            buf = self.buf
-            rel = pos - self.base
-            if rel < 0 or rel + 12 > len(buf):
+            rel = pos - base
+            if rel < 0 or rel + 12 > buflen:
                 if pos + 8 > self.size:
                     raise _invalid(f"truncated: element header at byte {pos} runs past the end of the file")
-                buf = self.fill(pos, 12)
+                buf, base = self.fill(pos, 12), pos
+                buflen = len(buf)
                 rel = 0
             if explicit:
                 group, element, vrb, length = header.unpack_from(buf, rel)
@@ -637,7 +640,7 @@ class _Parser:
                         return out, pos + 8
                     raise self.bad_header(tag, pos)
                 if vr in long_vrs:
-                    if rel + 12 > len(buf):
+                    if rel + 12 > buflen:
                         raise _invalid(f"truncated: element header at byte {pos} runs past the end of the file")
                     length = u32.unpack_from(buf, rel + 8)[0]
                     vpos = pos + 12
@@ -656,42 +659,52 @@ class _Parser:
                 entry, pos, cs = self.special(tag, vr, vpos, length, limit, syn, cs, prefix, depth, top)
                 if entry is not None:
                     out[keys.get(tag) or _key(tag)] = entry
+                buf, base = self.buf, self.base
+                buflen = len(buf)
                 continue
             vend = vpos + length
             if vend > limit:
                 raise self.overrun(tag, vpos, length, limit)
             pos = vend
             category = categories[vr]
-            if category == _C_UN:
-                out[keys.get(tag) or _key(tag)] = self.unknown(tag, vpos, length, cs, prefix, depth)
+            if category >= _C_BINARY:  # SQ, UN, OB/OD/OF/OL/OV/OW
+                if category == _C_SQ:
+                    entry = self.sequence(tag, vpos, vend, syn, cs, prefix, depth)
+                elif category == _C_UN:
+                    entry = self.unknown(tag, vpos, length, cs, prefix, depth)
+                elif length > BULK_THRESHOLD:
+                    entry = self.bulk_entry(tag, vr, vpos, length, prefix, top)
+                else:
+                    entry = _d_binary(self, vr, self.read(vpos, length, f"value of {_tag_text(tag)}"), syn, cs)
+                out[keys.get(tag) or _key(tag)] = entry
+                buf, base = self.buf, self.base
+                buflen = len(buf)
                 continue
             if length == 0:
-                entry = {"vr": vr}
-            elif category == _C_SQ:
-                entry = self.sequence(tag, vpos, vend, syn, cs, prefix, depth)
-            elif category == _C_BINARY and length > BULK_THRESHOLD:
-                entry = self.bulk_entry(tag, vr, vpos, length, prefix, top)
+                out[keys.get(tag) or _key(tag)] = {"vr": vr}
+                continue
+            vrel = vpos - base
+            entry = None
+            if vrel + length > buflen:
+                raw = self.read(vpos, length, f"value of {_tag_text(tag)}")
+                buf, base = self.buf, self.base
+                buflen = len(buf)
+            elif category == _C_NUMBER:
+                width, unpack_from = single[vr]
+                if length == width:
+                    number = unpack_from(buf, vrel)[0]
+                    if number - number == 0:  # finite (always true for integers)
+                        out[keys.get(tag) or _key(tag)] = {"vr": vr, "Value": [number]}
+                        continue
+                raw = buf[vrel : vrel + length]
             else:
-                base = self.base
-                if vend - base <= len(buf):
-                    raw = buf[vpos - base : vend - base]
-                else:
-                    raw = self.read(vpos, length, f"value of {_tag_text(tag)}")
-                entry = None
-                if category == _C_STRING:
-                    text = raw.decode("latin_1")
-                    if "\\" in text:
-                        entry = {"vr": vr, "Value": [v.strip(" \x00") or None for v in text.split("\\")]}
-                    else:
-                        text = text.strip(" \x00")
-                        entry = {"vr": vr, "Value": [text]} if text else {"vr": vr}
-                elif category == _C_NUMBER:
-                    width, unpack = single[vr]
-                    if length == width:
-                        number = unpack(raw)[0]
-                        if number - number == 0:  # finite (always true for integers)
-                            entry = {"vr": vr, "Value": [number]}
-                elif category == _C_DS:
+                raw = buf[vrel : vrel + length]
+                key = (raw, vr, cs)
+                entry = cache.get(key)
+                if entry is not None:
+                    out[keys.get(tag) or _key(tag)] = entry
+                    continue
+                if category == _C_DS:
                     text = raw.decode("latin_1")
                     if "_" not in text:
                         try:
@@ -712,6 +725,13 @@ class _Parser:
                         else:
                             text = text.strip(" \x00")
                             entry = {"vr": vr, "Value": [text]} if text else {"vr": vr}
+                elif category == _C_STRING:
+                    text = raw.decode("latin_1")
+                    if "\\" in text:
+                        entry = {"vr": vr, "Value": [v.strip(" \x00") or None for v in text.split("\\")]}
+                    else:
+                        text = text.strip(" \x00")
+                        entry = {"vr": vr, "Value": [text]} if text else {"vr": vr}
                 elif category == _C_IS:
                     text = raw.decode("latin_1")
                     if "_" not in text:
@@ -719,8 +739,12 @@ class _Parser:
                             entry = {"vr": vr, "Value": [int(v) for v in text.split("\\")] if "\\" in text else [int(text)]}
                         except ValueError:
                             pass
-                if entry is None:
-                    entry = _DECODERS[vr](self, vr, raw, syn, cs)
+                if entry is not None and length <= 64:
+                    if len(cache) >= _CACHE_SIZE:
+                        cache.clear()
+                    cache[key] = entry
+            if entry is None:
+                entry = _DECODERS[vr](self, vr, raw, syn, cs)
             out[keys.get(tag) or _key(tag)] = entry
 
     def bad_header(self, tag: int, pos: int) -> ServerError:
@@ -973,7 +997,7 @@ class _Parser:
         for entry in self.uri_entries:
             entry["BulkDataURI"] = base + entry["BulkDataURI"]
         columns = _columns(top, self.warn)
-        attrs = {level: dumps({k: v for k, v in top.items() if k in keys}) for level, keys in _LEVEL_KEYS.items()}
+        attrs = {level: dumps({k: top[k] for k in keys if k in top}) for level, keys in _LEVEL_KEYS.items()}
         return ParsedInstance(
             sop_class_uid=sop_class,
             sop_instance_uid=sop,
@@ -1106,16 +1130,14 @@ _NUMBER_CODES = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "UV": "Q", "SV": "q
 def _d_number(p: _Parser, vr: str, raw: bytes, syn: _Syntax, cs: _Charset) -> dict[str, Any]:
     """US, SS, UL, SL, UV, SV, FL, FD: binary numbers (PS3.5 6.2) as JSON Numbers."""
     code = _NUMBER_CODES[vr]
-    size = struct.calcsize(code)
+    size = struct.calcsize("<" + code)
     count, rest = divmod(len(raw), size)
     if rest:
         p.warn(IngestWarning.VALUE_NOT_CONFORMING)
     if not count:
         return {"vr": vr}
     values: list[Any] = list(struct.unpack_from(f"{syn.order}{count}{code}", raw))
-    if vr == "FL":
-        values = [float32_to_json(v) for v in values]
-    elif vr == "FD":
+    if vr in ("FL", "FD"):
         values = [v if math.isfinite(v) else float_to_json(v) for v in values]
     return {"vr": vr, "Value": values}
 
@@ -1149,7 +1171,8 @@ _DECODERS: dict[str, Callable[[_Parser, str, bytes, _Syntax, _Charset], dict[str
 }
 
 
-_C_OTHER, _C_STRING, _C_NUMBER, _C_TEXT, _C_DS, _C_IS, _C_SQ, _C_BINARY, _C_UN = range(9)
+# Value categories of the hot loop, most frequent first; those from _C_BINARY on are not decoded inline.
+_C_NUMBER, _C_DS, _C_TEXT, _C_STRING, _C_IS, _C_OTHER, _C_BINARY, _C_SQ, _C_UN = range(9)
 _CATEGORY: dict[str, int] = {
     **dict.fromkeys(_VR_BYTES.values(), _C_OTHER),
     **dict.fromkeys(BINARY_VRS, _C_BINARY),
@@ -1163,7 +1186,10 @@ _CATEGORY: dict[str, int] = {
     "IS": _C_IS,
 }
 _SINGLE = {
-    little: {vr: (struct.calcsize(code), struct.Struct(("<" if little else ">") + code).unpack) for vr, code in _NUMBER_CODES.items()}
+    little: {
+        vr: (struct.calcsize("<" + code), struct.Struct(("<" if little else ">") + code).unpack_from)
+        for vr, code in _NUMBER_CODES.items()
+    }
     for little in (True, False)
 }
 _HEADER = {
@@ -1177,6 +1203,10 @@ _SPECIAL = frozenset(
     | PIXEL_TAGS
 )
 _isfinite = math.isfinite
+# Decoded short values shared between parses (a series repeats most of its values); entries are never
+# mutated once stored. Keyed by (raw bytes, VR, character set).
+_VALUE_CACHE: dict[tuple[bytes, str, _Charset], dict[str, Any]] = {}
+_CACHE_SIZE = 20000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1186,45 +1216,51 @@ _isfinite = math.isfinite
 def _columns(top: Mapping[str, Any], warn: Callable[[IngestWarning], None]) -> dict[Level, dict[str, object]]:
     """SQL column values per level for every non-computed indexed attribute (None when absent)."""
     columns: dict[Level, dict[str, object]] = {level: {} for level in Level}
-    for attr in INDEXED:
-        if attr.tag in COMPUTED:
-            continue
-        entry = top.get(attr.hex)
-        values = entry.get("Value") if entry else None
-        row = columns[attr.level]
-        if attr.kind is Kind.PN:
+    for level, key, column, kind in _COLUMN_PLAN:
+        entry = top.get(key)
+        values = entry.get("Value") if entry is not None else None
+        row = columns[level]
+        if kind is Kind.PN:
             name = _pn_column(values)
-            row[attr.column] = name
-            row[f"{attr.column}_norm"] = None if name is None else normalize_pn(name)
-            row[f"{attr.column}_phonetic"] = None if name is None else phonetic_key(name)
+            norm, phonetic = (None, None) if name is None else _pn_forms(name)
+            row[column] = name
+            row[column + "_norm"] = norm
+            row[column + "_phonetic"] = phonetic
             continue
-        value = _column_value(attr.kind, values)
+        value = _column_value(kind, values) if values else None
         if value is _SKIPPED:
             warn(IngestWarning.INDEX_VALUE_SKIPPED)
             value = None
-        row[attr.column] = value
+        row[column] = value
     return columns
 
 
+@functools.lru_cache(maxsize=4096)
+def _pn_forms(name: str) -> tuple[str, str]:
+    """normalize_pn and phonetic_key of a name, cached: the instances of a study repeat their names."""
+    return normalize_pn(name), phonetic_key(name)
+
+
+_COLUMN_PLAN = tuple((a.level, a.hex, a.column, a.kind) for a in INDEXED if a.tag not in COMPUTED)
 _SKIPPED = object()
 _NORMALIZERS = {Kind.DATE: normalize_da, Kind.TIME: normalize_tm, Kind.DATETIME: normalize_dt}
 
 
-def _column_value(kind: Kind, values: list[Any] | None) -> object:
+def _column_value(kind: Kind, values: list[Any]) -> object:
     """One column value from an attribute's JSON values; ``_SKIPPED`` when present but unusable."""
-    if not values:
-        return None
     first = values[0]
     if kind is Kind.TEXT:
+        if len(values) == 1 and type(first) is str:
+            return first
         text = "\\".join("" if v is None else str(v) for v in values)
         return text or None
     if first is None:
         return None
     if kind is Kind.UID:
-        return first if isinstance(first, str) else _SKIPPED
+        return first if type(first) is str else _SKIPPED
     if kind is Kind.INT:
-        return first if isinstance(first, int) and not isinstance(first, bool) else _SKIPPED
-    if not isinstance(first, str):
+        return first if type(first) is int else _SKIPPED
+    if type(first) is not str:
         return _SKIPPED
     normalized = _NORMALIZERS[kind](first)
     return _SKIPPED if normalized is None else normalized

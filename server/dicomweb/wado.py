@@ -28,6 +28,9 @@ DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 OCTET = "application/octet-stream"
 ANY_TRANSFER_SYNTAX = "*"
+# How the precomputed metadata text starts every BulkDataURI: the JSON-escaped base placeholder (\x01)
+PLACEHOLDER_URI = '"BulkDataURI":"\\u0001'
+
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ def _wants_gzip(accept_encoding: str | None) -> bool:
 def _assemble(rows, base_url: str, gz: bool) -> bytes:
     """A JSON array of the precomputed instance objects, the BulkDataURI base filled in."""
     text = "[" + ",".join(r.meta for r in rows) + "]"
-    data = text.replace("\x01", json.dumps(base_url)[1:-1]).encode("utf-8")
+    data = text.replace(PLACEHOLDER_URI, '"BulkDataURI":"' + json.dumps(base_url)[1:-1]).encode("utf-8")
     return gzip.compress(data, compresslevel=5) if gz else data
 
 

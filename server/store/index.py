@@ -8,7 +8,7 @@ compared in their folded ``*_norm`` form, so they are case- and accent-insensiti
 Order (stable, ties broken by the primary key):
 
 * studies: newest first: StudyDate DESC, StudyTime DESC (no value last), id DESC; SQLite walks
-  ``ix_study_tenant_date`` backwards and sorts only the rows of one date by time;
+  ``ix_study_tenant_date_time`` backwards and sorts only the rows of one date by time;
 * series: grouped by study (study row id), then SeriesNumber (no value last), id;
 * instances: grouped by study, then by series as above, then InstanceNumber (no value last), id.
 
@@ -207,7 +207,7 @@ def _order(query: QidoQuery, sqlite: bool) -> list:
         date = st.c.study_date
         if sqlite and any(m.op in (Op.EQUAL, Op.ANY_OF) and m.attribute.level is Level.STUDY
                           and m.column in _SELECTIVE for m in query.matches):
-            # Without ANALYZE statistics SQLite would walk ix_study_tenant_date to skip the sort and test
+            # Without ANALYZE statistics SQLite would walk ix_study_tenant_date_time to skip the sort and test
             # every study of the tenant; an expression that no index orders makes it use the exact match's.
             date = date.concat(literal_column("''"))
         return [desc_nulls_last(date), desc_nulls_last(st.c.study_time), st.c.id.desc()]

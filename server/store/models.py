@@ -29,7 +29,7 @@ class Study(SQLModel, table=True):
     __tablename__ = "study"
     __table_args__ = (
         UniqueConstraint("tenant", "study_uid", name="uq_study_tenant_uid"),
-        Index("ix_study_tenant_date", "tenant", "study_date"),
+        Index("ix_study_tenant_date_time", "tenant", "study_date", "study_time"),
         Index("ix_study_tenant_patient_id", "tenant", "patient_id"),
         Index("ix_study_tenant_pn", "tenant", "patient_name_norm"),
         Index("ix_study_tenant_accession", "tenant", "accession_number"),

@@ -116,7 +116,7 @@ def test_series_and_instances_levels(dw):
 
 def test_metadata_and_bulkdata(dw):
     study, series, sop = sample_uids("CT_small.dcm")
-    [meta] = dw.retrieve_instance_metadata(study, series, sop)
+    meta = dw.retrieve_instance_metadata(study, series, sop)
     uri = meta["7FE00010"]["BulkDataURI"]
     data = dw.retrieve_bulkdata(uri)
     assert data[0] == dcmread(sample_path("CT_small.dcm")).PixelData

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 09:25:22.987549
+Create Date: 2026-11-23 09:40:02.868733
 """
 from alembic import op
 import sqlalchemy as sa
@@ -49,7 +49,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('study', schema=None) as batch_op:
         batch_op.create_index('ix_study_tenant_accession', ['tenant', 'accession_number'], unique=False)
-        batch_op.create_index('ix_study_tenant_date', ['tenant', 'study_date'], unique=False)
+        batch_op.create_index('ix_study_tenant_date_time', ['tenant', 'study_date', 'study_time'], unique=False)
         batch_op.create_index('ix_study_tenant_patient_id', ['tenant', 'patient_id'], unique=False)
         batch_op.create_index('ix_study_tenant_pn', ['tenant', 'patient_name_norm'], unique=False)
 
@@ -135,7 +135,7 @@ def downgrade() -> None:
     with op.batch_alter_table('study', schema=None) as batch_op:
         batch_op.drop_index('ix_study_tenant_pn')
         batch_op.drop_index('ix_study_tenant_patient_id')
-        batch_op.drop_index('ix_study_tenant_date')
+        batch_op.drop_index('ix_study_tenant_date_time')
         batch_op.drop_index('ix_study_tenant_accession')
 
     op.drop_table('study')
