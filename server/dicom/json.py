@@ -10,9 +10,11 @@ Encoding rules, shared by the pydicom-based encoder below and by the raw ingest 
   stripped of leading and trailing spaces and NULs, text (ST, LT, UT, UC, UR, PN) of trailing ones only;
 * PN values are objects with "Alphabetic", "Ideographic" and "Phonetic" keys, empty groups omitted;
   a PN value whose groups are all empty is ``null`` (F.2.2);
-* IS and DS are JSON Numbers (F.2.3): IS as an integer, DS as a float (``"512"`` -> ``512.0``). A value that is not a finite decimal number (e.g. "1.5a", "NaN",
-  "1e999") is kept as the JSON String of its stripped text, which CP-1861 allows (DS/IS "Number or
-  String"); the ingest reports it as :attr:`~server.dicom.parse.IngestWarning.VALUE_NOT_CONFORMING`;
+* IS and DS are JSON Numbers (F.2.3): IS as an integer, DS as a float (``"512"`` -> ``512.0``). A value
+  that is not a finite decimal number (e.g. "1.5a", "NaN", "1e999") is kept as the JSON String of its
+  stripped text, which CP-1861 allows (DS/IS "Number or String"); the ingest reports it as
+  :attr:`~server.dicom.parse.IngestWarning.VALUE_NOT_CONFORMING`. :func:`json_to_dataset` refuses such
+  strings (pydicom cannot hold them as DS/IS);
 * FL and FD are JSON Numbers (FL as the exact double of its float32, e.g. 0.30000001192092896); values
   JSON cannot carry (NaN, +/-infinity) are the JSON Strings "NaN", "Infinity" and "-Infinity";
 * AT values are eight hex digit strings (F.2.3);
@@ -63,6 +65,11 @@ AMBIGUOUS_VRS = {"US or SS": "US", "OB or OW": "OW", "US or OW": "OW", "US or SS
 # How BINARY VRs are byte-swapped to little endian for InlineBinary (PS3.5 7.3).
 SWAP_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 
+_INT_RANGES = {
+    "US": (0, 2**16 - 1), "SS": (-(2**15), 2**15 - 1), "UL": (0, 2**32 - 1), "SL": (-(2**31), 2**31 - 1),
+    "UV": (0, 2**64 - 1), "SV": (-(2**63), 2**63 - 1),
+}
+
 BulkUri = Callable[[str, DataElement], "str | None"]
 BulkLoader = Callable[[str, str], bytes]
 
@@ -71,10 +78,11 @@ _FROM_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.in
 
 
 def dumps(obj: Any) -> str:
-    """Compact JSON text of a DICOM JSON object (PS3.18 F.2), non-ASCII kept, NaN refused.
+    """Compact JSON text of a DICOM JSON object (PS3.18 F.2), non-ASCII characters kept as UTF-8.
 
     Uses orjson when it is installed (about ten times faster; numbers may be spelt differently, e.g.
-    ``1e-7`` for ``1e-07``, same JSON values), else the standard library.
+    ``1e-7`` for ``1e-07``, same JSON values), else the standard library. The encoders here never pass
+    NaN or infinities (see :func:`float_to_json`); the standard library refuses them, orjson writes null.
     """
     if _orjson is not None:
         try:
@@ -375,7 +383,12 @@ def _value_from_json(key: str, vr: str, value: Any) -> Any:
             raise _bad(f"attribute {key}: VR {vr} values must be strings")
         return value
     if vr == "AT":
-        return _tag_from_key(value)
+        if not isinstance(value, str) or len(value) != 8:
+            raise _bad(f"attribute {key}: AT values must be eight hex digits")
+        try:
+            return int(value, 16)
+        except ValueError as exc:
+            raise _bad(f"attribute {key}: AT values must be eight hex digits") from exc
     if vr in ("IS", "DS"):
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise _bad(f"attribute {key}: VR {vr} values must be numbers")
@@ -388,6 +401,9 @@ def _value_from_json(key: str, vr: str, value: Any) -> Any:
         return float(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(f"attribute {key}: VR {vr} values must be integers")
+    low, high = _INT_RANGES[vr]
+    if not low <= value <= high:
+        raise _bad(f"attribute {key}: {value} does not fit VR {vr}")
     return value
 
 

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 DICOM = "application/dicom"
 WRITE_BATCH = 1 << 20  # bytes gathered before one write call in a worker thread
 INDEX_BATCH = 200  # instances per index transaction
-PARALLEL_PARTS = 4  # parts parsed/fsynced concurrently while the body keeps streaming
+PARALLEL_PARTS = 8  # parts parsed and placed concurrently while the body keeps streaming
 
 # Ingest warnings reported in the Store Instances Response; the others (index values that could not be
 # used, undecodable text) leave the stored bytes untouched and are only logged.
@@ -102,15 +102,17 @@ class StowService:
         outcomes = [o for o in req.outcomes if o is not None]
         return StowResult(stow_status(outcomes), _response(outcomes, base_url))
 
+    def _writer(self, problem: Failed | None = None) -> "_PartWriter":
+        return _PartWriter(self.blobs, self.settings.max_part_bytes, problem)
+
     async def _single_part(self, body: AsyncIterator[bytes], req: _Request, tg, limiter) -> None:
-        writer = _PartWriter(self.blobs.spool(), self.settings.max_part_bytes)
+        writer = self._writer()
         try:
             async for chunk in body:
                 self._check_total(writer.total)
                 await writer.add(chunk)
-            await writer.flush()
         except BaseException:
-            writer.spool.discard()
+            await writer.discard()
             raise
         await self._finish_part(writer, req, tg, limiter)
 
@@ -125,26 +127,24 @@ class StowService:
                 total += len(chunk)
                 self._check_total(total)
                 for event in parser.feed(chunk):
-                    if isinstance(event, PartStart):
-                        writer = _PartWriter(self.blobs.spool(), self.settings.max_part_bytes,
-                                             problem=_part_media_problem(event.headers))
-                    elif isinstance(event, PartData):
+                    if isinstance(event, PartData):
                         await writer.add(event.data)
-                    elif isinstance(event, PartEnd):
-                        await writer.flush()
+                    elif isinstance(event, PartStart):
+                        writer = self._writer(_part_media_problem(event.headers))
+                    else:
                         current, writer = writer, None
                         await self._finish_part(current, req, tg, limiter)
             parser.close()
         except ServerError as exc:
+            if writer is not None:
+                await writer.discard()
+                writer = None
             if exc.kind is not ErrorKind.INVALID:
                 raise
-            if writer is not None:
-                writer.spool.discard()
-                writer = None
             req.outcomes.append(Failed(FailureReason.CANNOT_UNDERSTAND, exc.message))
         except BaseException:
             if writer is not None:
-                writer.spool.discard()
+                await writer.discard()
             raise
 
     def _check_total(self, total: int) -> None:
@@ -153,21 +153,21 @@ class StowService:
                               f"request body exceeds the limit of {self.settings.max_stow_bytes} bytes")
 
     async def _finish_part(self, writer: "_PartWriter", req: _Request, tg, limiter) -> None:
-        """Queue a spooled part for parsing and durable commit; keeps at most PARALLEL_PARTS in flight."""
+        """Queue a received part for parsing and placing; at most PARALLEL_PARTS in flight."""
         slot = len(req.outcomes)
         req.outcomes.append(None)
         if writer.problem is not None:
-            writer.spool.discard()
+            await writer.discard()
             req.outcomes[slot] = writer.problem
             return
         await limiter.acquire()
-        tg.start_soon(self._process_part, writer.spool, req, slot, limiter)
+        tg.start_soon(self._process_part, writer, req, slot, limiter)
         if len(req.ready) >= INDEX_BATCH:
             await self._index(req)
 
-    async def _process_part(self, spool: SpoolFile, req: _Request, slot: int, limiter) -> None:
+    async def _process_part(self, writer: "_PartWriter", req: _Request, slot: int, limiter) -> None:
         try:
-            outcome_or_ready = await anyio.to_thread.run_sync(self._parse_and_commit, spool, req.study_uid, slot)
+            outcome_or_ready = await anyio.to_thread.run_sync(self._parse_and_place, writer, req.study_uid, slot)
         finally:
             limiter.release()
         if isinstance(outcome_or_ready, _Ready):
@@ -175,9 +175,14 @@ class StowService:
         else:
             req.outcomes[slot] = outcome_or_ready
 
-    def _parse_and_commit(self, spool: SpoolFile, study_uid: str | None, slot: int) -> _Ready | Failed:
-        """Parse a spooled part and make its blob durable (worker thread)."""
+    def _parse_and_place(self, writer: "_PartWriter", study_uid: str | None, slot: int) -> _Ready | Failed:
+        """Write the part's last bytes, parse it and move it to its content address (worker thread).
+
+        Not yet durable: ``_index`` syncs the whole batch before the index commits.
+        """
+        spool = None
         try:
+            spool = writer.write_pending()
             parsed = parse_part10(spool.path)
             if study_uid is not None and parsed.study_uid != study_uid:
                 spool.discard()
@@ -185,38 +190,46 @@ class StowService:
                               f"StudyInstanceUID {parsed.study_uid} does not match the study {study_uid} of the request URL",
                               parsed.sop_class_uid, parsed.sop_instance_uid)
             size = spool.size
-            digest = self.blobs.commit(spool)
-            return _Ready(parsed, digest, size, slot)
+            return _Ready(parsed, self.blobs.place(spool), size, slot)
         except ServerError as exc:
-            spool.discard()
+            if spool is not None:
+                spool.discard()
             return Failed(FAILURE_BY_KIND[exc.kind], exc.message)
         except Exception:
-            spool.discard()
+            if spool is not None:
+                spool.discard()
             log.exception("STOW part could not be processed")
             return Failed(FailureReason.PROCESSING_FAILURE, "processing failure")
 
     async def _index(self, req: _Request) -> None:
+        """Make a batch of placed blobs durable, then index it in one transaction (worker thread)."""
         batch, req.ready = req.ready, []
         items = [NewInstance(r.parsed, r.blob, r.size) for r in batch]
         replace = self.settings.duplicate_policy is DuplicatePolicy.REPLACE
-        results = await anyio.to_thread.run_sync(
-            lambda: self.archive.index_batch(req.tenant, items, replace=replace))
+
+        def sync_and_index():
+            self.blobs.sync([r.blob for r in batch])
+            return self.archive.index_batch(req.tenant, items, replace=replace)
+
+        results = await anyio.to_thread.run_sync(sync_and_index)
         for ready, result in zip(batch, results):
             req.outcomes[ready.slot] = _outcome(ready.parsed, result.verdict, result.message)
 
 
 class _PartWriter:
-    """Gathers a part's chunks and writes them to its spool file off the event loop."""
+    """Gathers a part's chunks and writes them to a spool file in worker threads (created on first write)."""
 
-    def __init__(self, spool: SpoolFile, limit: int, problem: Failed | None = None) -> None:
-        self.spool = spool
+    def __init__(self, blobs: BlobStore, limit: int, problem: Failed | None = None) -> None:
+        self.blobs = blobs
         self.limit = limit
         self.problem = problem
+        self.spool: SpoolFile | None = None
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.total = 0
 
     async def add(self, data: bytes) -> None:
+        """Take a chunk; over the per-part limit the part fails with A700 and its bytes are dropped."""
         self.total += len(data)
         if self.problem is not None:
             return
@@ -228,17 +241,21 @@ class _PartWriter:
         self.pending.append(bytes(data))
         self.pending_size += len(data)
         if self.pending_size >= WRITE_BATCH:
-            await self.flush()
+            await anyio.to_thread.run_sync(self.write_pending)
 
-    async def flush(self) -> None:
-        if not self.pending:
-            return
-        chunks, self.pending, self.pending_size = self.pending, [], 0
-        await anyio.to_thread.run_sync(_write_all, self.spool, chunks)
+    def write_pending(self) -> SpoolFile:
+        """Write what is gathered to the spool, creating it if needed (blocking)."""
+        if self.spool is None:
+            self.spool = self.blobs.spool()
+        if self.pending:
+            chunks, self.pending, self.pending_size = self.pending, [], 0
+            self.spool.write(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+        return self.spool
 
-
-def _write_all(spool: SpoolFile, chunks: list[bytes]) -> None:
-    spool.write(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+    async def discard(self) -> None:
+        """Drop the part's spool file, if any."""
+        if self.spool is not None:
+            await anyio.to_thread.run_sync(self.spool.discard)
 
 
 def _unwrap(group: BaseExceptionGroup) -> BaseException:

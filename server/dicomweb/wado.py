@@ -24,6 +24,7 @@ from server.store.archive import Archive
 from server.store.blobs import BlobStore
 
 READ_CHUNK = 1 << 20
+SMALL_BLOB = 4 << 20  # read in one call up to this size
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 OCTET = "application/octet-stream"
@@ -175,8 +176,23 @@ async def _dicom_parts(blobs: BlobStore, rows):
         yield headers, _read_range(blobs.path_of(r.blob), 0, r.size)
 
 
+def _read_small(path: Path, offset: int, length: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+    except FileNotFoundError as exc:
+        raise ServerError(ErrorKind.INTERNAL, "blob missing") from exc
+    if len(data) != length:
+        raise ServerError(ErrorKind.INTERNAL, "blob shorter than indexed")
+    return data
+
+
 async def _read_range(path: Path, offset: int, length: int) -> AsyncIterator[bytes]:
-    """Bytes ``offset .. offset+length`` of a blob, read in chunks off the event loop."""
+    """Bytes ``offset .. offset+length`` of a blob, read off the event loop (in chunks when large)."""
+    if length <= SMALL_BLOB:
+        yield await anyio.to_thread.run_sync(_read_small, path, offset, length)
+        return
     try:
         f = await anyio.to_thread.run_sync(open, path, "rb")
     except FileNotFoundError as exc:

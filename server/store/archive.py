@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
@@ -73,84 +73,100 @@ class Archive:
         raise AssertionError("unreachable")
 
     def _index_batch_once(self, tenant: str, items: Sequence[NewInstance], *, replace: bool) -> list[IndexResult]:
+        """Decide each instance's verdict with set-based lookups, then insert the new rows in one statement."""
         results: list[IndexResult] = []
         with Session(self.engine, expire_on_commit=False) as session:
-            studies: dict[str, Study] = {}
-            series_rows: dict[str, Series] = {}
+            existing = self._existing(session, tenant, [i.parsed.sop_instance_uid for i in items])
+            studies = self._load(session, Study, Study.study_uid, tenant, {i.parsed.study_uid for i in items})
+            series_rows = self._load(session, Series, Series.series_uid, tenant, {i.parsed.series_uid for i in items})
+            rows: list[dict] = []
             for item in items:
-                results.append(self._index_one(session, tenant, item, replace, studies, series_rows))
+                p = item.parsed
+                old = existing.get(p.sop_instance_uid)
+                if old is not None:
+                    if old[1] == item.blob:
+                        results.append(IndexResult(Verdict.IDENTICAL))
+                        continue
+                    if not replace:
+                        results.append(IndexResult(Verdict.DUPLICATE, (
+                            f"SOP Instance {p.sop_instance_uid} is already stored with different content; "
+                            "the archive keeps the first version (duplicate policy 'reject')")))
+                        continue
+                series = series_rows.get(p.series_uid)
+                if series is not None and series.study_uid != p.study_uid:
+                    results.append(IndexResult(Verdict.SERIES_CONFLICT, (
+                        f"Series {p.series_uid} belongs to study {series.study_uid}, not {p.study_uid}")))
+                    continue
+                if old is not None:
+                    self._flush_rows(session, rows)
+                    stale = session.execute(select(Instance).where(
+                        Instance.tenant == tenant, Instance.sop_uid == p.sop_instance_uid)).scalar_one()
+                    self._remove(session, stale, studies, series_rows)
+                    series = series_rows.get(p.series_uid)
+                study = self._study(session, tenant, p, studies)
+                if series is None:
+                    series = Series(tenant=tenant, study_pk=study.id, study_uid=p.study_uid,
+                                    attrs=p.attrs[Level.SERIES], **_columns(p, Level.SERIES))
+                    session.add(series)
+                    session.flush()
+                    series_rows[p.series_uid] = series
+                    study.number_of_series += 1
+                rows.append(dict(_columns(p, Level.INSTANCE), tenant=tenant, study_pk=study.id, series_pk=series.id,
+                                 study_uid=p.study_uid, series_uid=p.series_uid,
+                                 transfer_syntax_uid=p.transfer_syntax_uid, blob=item.blob, size=item.size,
+                                 attrs=p.attrs[Level.INSTANCE], meta=p.meta, bulk=json.dumps(dict(p.bulk)),
+                                 created_at=datetime.now(timezone.utc)))
+                existing[p.sop_instance_uid] = (None, item.blob)
+                study.number_of_instances += 1
+                study.revision += 1
+                series.number_of_instances += 1
+                series.revision += 1
+                study.modalities_in_study = _add_value(study.modalities_in_study, series.modality)
+                series.transfer_syntaxes = _add_value(series.transfer_syntaxes, p.transfer_syntax_uid)
+                results.append(IndexResult(Verdict.REPLACED if old is not None else Verdict.STORED))
+            self._flush_rows(session, rows)
             now = datetime.now(timezone.utc)
             for st in studies.values():
-                st.updated_at = now
-                session.add(st)
-            for se in series_rows.values():
-                session.add(se)
+                if st in session.dirty or st in session.new:
+                    st.updated_at = now
             session.commit()
         return results
 
-    def _index_one(self, session: Session, tenant: str, item: NewInstance, replace: bool,
-                   studies: dict[str, Study], series_rows: dict[str, Series]) -> IndexResult:
-        p = item.parsed
-        existing = session.execute(
-            select(Instance).where(Instance.tenant == tenant, Instance.sop_uid == p.sop_instance_uid)
-        ).scalars().first()
-        if existing is not None:
-            if existing.blob == item.blob:
-                return IndexResult(Verdict.IDENTICAL)
-            if not replace:
-                return IndexResult(Verdict.DUPLICATE, (
-                    f"SOP Instance {p.sop_instance_uid} is already stored with different content; "
-                    "the archive keeps the first version (duplicate policy 'reject')"))
-        series = self._series(session, tenant, p, series_rows)
-        if series is not None and series.study_uid != p.study_uid:
-            return IndexResult(Verdict.SERIES_CONFLICT, (
-                f"Series {p.series_uid} belongs to study {series.study_uid}, not {p.study_uid}"))
-        if existing is not None:
-            self._remove(session, existing, studies, series_rows)
-            series = self._series(session, tenant, p, series_rows)
-        study = self._study(session, tenant, p, studies)
-        if series is None:
-            series = Series(tenant=tenant, study_pk=study.id, study_uid=p.study_uid,
-                            attrs=p.attrs[Level.SERIES], **_columns(p, Level.SERIES))
-            session.add(series)
-            session.flush()
-            series_rows[p.series_uid] = series
-            study.number_of_series += 1
-        inst = Instance(tenant=tenant, study_pk=study.id, series_pk=series.id, study_uid=p.study_uid,
-                        series_uid=p.series_uid, transfer_syntax_uid=p.transfer_syntax_uid, blob=item.blob, size=item.size,
-                        attrs=p.attrs[Level.INSTANCE], meta=p.meta, bulk=json.dumps(dict(p.bulk)),
-                        **_columns(p, Level.INSTANCE))
-        session.add(inst)
-        study.number_of_instances += 1
-        study.revision += 1
-        series.number_of_instances += 1
-        series.revision += 1
-        study.modalities_in_study = _add_value(study.modalities_in_study, series.modality)
-        series.transfer_syntaxes = _add_value(series.transfer_syntaxes, p.transfer_syntax_uid)
-        return IndexResult(Verdict.REPLACED if existing is not None else Verdict.STORED)
+    @staticmethod
+    def _flush_rows(session: Session, rows: list[dict]) -> None:
+        """Insert gathered instance rows with one executemany and empty the list."""
+        if rows:
+            session.execute(insert(Instance), rows)
+            rows.clear()
+
+    @staticmethod
+    def _existing(session: Session, tenant: str, sops: list[str]) -> dict[str, tuple[int | None, str]]:
+        """SOP Instance UID -> (row id, blob digest) of the instances already stored among ``sops``."""
+        found: dict[str, tuple[int | None, str]] = {}
+        for chunk in _chunks(sorted(set(sops))):
+            stmt = select(Instance.sop_uid, Instance.id, Instance.blob).where(
+                Instance.tenant == tenant, Instance.sop_uid.in_(chunk))
+            found.update({sop: (pk, blob) for sop, pk, blob in session.execute(stmt)})
+        return found
+
+    @staticmethod
+    def _load(session: Session, model, uid_column, tenant: str, uids: set[str]) -> dict:
+        """Rows of ``model`` of the tenant whose UID is among ``uids``, by UID."""
+        out = {}
+        for chunk in _chunks(sorted(uids)):
+            stmt = select(model).where(model.tenant == tenant, uid_column.in_(chunk))
+            for row in session.execute(stmt).scalars():
+                out[getattr(row, uid_column.key)] = row
+        return out
 
     def _study(self, session: Session, tenant: str, p, cache: dict[str, Study]) -> Study:
         study = cache.get(p.study_uid)
         if study is None:
-            study = session.execute(
-                select(Study).where(Study.tenant == tenant, Study.study_uid == p.study_uid)
-            ).scalars().first()
-        if study is None:
             study = Study(tenant=tenant, attrs=p.attrs[Level.STUDY], **_columns(p, Level.STUDY))
             session.add(study)
             session.flush()
-        cache[p.study_uid] = study
+            cache[p.study_uid] = study
         return study
-
-    def _series(self, session: Session, tenant: str, p, cache: dict[str, Series]) -> Series | None:
-        series = cache.get(p.series_uid)
-        if series is None:
-            series = session.execute(
-                select(Series).where(Series.tenant == tenant, Series.series_uid == p.series_uid)
-            ).scalars().first()
-            if series is not None:
-                cache[p.series_uid] = series
-        return series
 
     def _remove(self, session: Session, inst: Instance, studies: dict[str, Study], series_rows: dict[str, Series]) -> None:
         """Drop an instance row (replace policy) and fix the aggregates of its series and study."""
@@ -178,20 +194,34 @@ class Archive:
 
     # ---- reads for WADO-RS --------------------------------------------------------------------
     def instances(self, tenant: str, study_uid: str, series_uid: str | None = None,
-                  sop_uid: str | None = None, *, with_meta: bool = False) -> list[Instance]:
-        """Instances of a study/series/instance in stable order (series number, instance number)."""
+                  sop_uid: str | None = None, *, with_meta: bool = False) -> list:
+        """Instances of a study/series/instance in stable order (series number, instance number).
+
+        The study, series or instance row is found through its unique (tenant, UID) index first; the
+        instances are then read through the indexed foreign key.
+        """
         cols = [Instance.id, Instance.sop_uid, Instance.series_uid, Instance.study_uid, Instance.sop_class_uid,
                 Instance.transfer_syntax_uid, Instance.blob, Instance.size, Instance.bulk, Instance.number_of_frames]
         if with_meta:
             cols.append(Instance.meta)
-        stmt = (select(*cols).join(Series, Series.id == Instance.series_pk)
-                .where(Instance.tenant == tenant, Instance.study_uid == study_uid))
-        if series_uid is not None:
-            stmt = stmt.where(Instance.series_uid == series_uid)
-        if sop_uid is not None:
-            stmt = stmt.where(Instance.sop_uid == sop_uid)
-        stmt = stmt.order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
         with Session(self.engine) as session:
+            if sop_uid is not None:
+                stmt = select(*cols).where(Instance.tenant == tenant, Instance.sop_uid == sop_uid,
+                                           Instance.series_uid == series_uid, Instance.study_uid == study_uid)
+            elif series_uid is not None:
+                pk = session.execute(select(Series.id).where(
+                    Series.tenant == tenant, Series.series_uid == series_uid, Series.study_uid == study_uid)).scalar()
+                if pk is None:
+                    return []
+                stmt = (select(*cols).where(Instance.series_pk == pk)
+                        .order_by(Instance.instance_number, Instance.id))
+            else:
+                pk = session.execute(select(Study.id).where(
+                    Study.tenant == tenant, Study.study_uid == study_uid)).scalar()
+                if pk is None:
+                    return []
+                stmt = (select(*cols).join(Series, Series.id == Instance.series_pk).where(Instance.study_pk == pk)
+                        .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id))
             return list(session.execute(stmt).all())
 
     def revision(self, tenant: str, level: Level, study_uid: str, series_uid: str | None = None,
@@ -223,6 +253,11 @@ class Archive:
         """Fail unless the database answers."""
         with Session(self.engine) as session:
             session.execute(select(1)).one()
+
+
+def _chunks(values: list[str], size: int = 500) -> list[list[str]]:
+    """Slices of at most ``size`` values for IN lists (SQLite's bound parameter limit)."""
+    return [values[i:i + size] for i in range(0, len(values), size)]
 
 
 def _columns(p, level: Level) -> dict[str, object]:
