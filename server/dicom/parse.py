@@ -726,12 +726,13 @@ class _Parser:
                         try:
                             text = raw.decode(cs.codecs[0])
                         except UnicodeDecodeError:
-                            text = self.text(raw, cs, _TEXT_DELIMITERS)
-                        if "\\" in text:
-                            entry = {"vr": vr, "Value": [v.strip(" \x00") or None for v in text.split("\\")]}
+                            pass  # the generic decoder below replaces and warns; such values are not cached
                         else:
-                            text = text.strip(" \x00")
-                            entry = {"vr": vr, "Value": [text]} if text else {"vr": vr}
+                            if "\\" in text:
+                                entry = {"vr": vr, "Value": [v.strip(" \x00") or None for v in text.split("\\")]}
+                            else:
+                                text = text.strip(" \x00")
+                                entry = {"vr": vr, "Value": [text]} if text else {"vr": vr}
                 elif category == _C_STRING:
                     text = raw.decode("latin_1")
                     if "\\" in text:
