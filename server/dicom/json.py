@@ -92,6 +92,23 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def dumps_bytes(obj: Any) -> bytes:
+    """Compact UTF-8 JSON bytes of ``obj`` for a response body (orjson when available)."""
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(obj)
+        except (TypeError, _orjson.JSONEncodeError):
+            pass
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse JSON text (orjson when available)."""
+    if _orjson is not None:
+        return _orjson.loads(text)
+    return json.loads(text)
+
+
 def tag_key(tag: int) -> str:
     """The DICOM JSON key of a tag: eight upper-case hex digits (PS3.18 F.2.1.1)."""
     return f"{tag:08X}"

@@ -40,7 +40,6 @@ at instance level). ``includefield=all`` adds every parent attribute and, for in
 from __future__ import annotations
 
 import enum
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from typing import Any, Literal
 
 from pydicom import datadict
 
+from server.dicom import json as dicom_json
 from server.dicom.attributes import (
     AVAILABLE_TRANSFER_SYNTAX_UID,
     BY_KEYWORD,
@@ -570,7 +570,7 @@ def _own_computed(row: QidoRow, level: Level, base_url: str) -> dict[str, dict[s
 
 
 def _attrs(text: str | None) -> dict[str, dict[str, Any]]:
-    return json.loads(text) if text else {}
+    return dicom_json.loads(text) if text else {}
 
 
 def _fill_bulk(element: Any, base_url: str) -> Any:
@@ -613,7 +613,7 @@ def render(rows: Sequence[QidoRow], query: QidoQuery, base_url: str) -> list[dic
             obj[f"{SERIES_UID_TAG:08X}"] = _element("UI", [row.series_uid])
         if level is Level.INSTANCE and row.sop_uid:
             obj[f"{SOP_UID_TAG:08X}"] = _element("UI", [row.sop_uid])
-        meta = json.loads(row.meta) if row.meta else {}
+        meta = dicom_json.loads(row.meta) if row.meta else {}
         if query.includefields == "all" and level is Level.INSTANCE:
             for key, element in meta.items():
                 if key not in obj:

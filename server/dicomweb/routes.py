@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
+from server.dicom import json as dicom_json
 from server.dicom.attributes import Level
 from server.dicomweb.media import accepts, parse_accept
 from server.dicomweb.search import QidoService
@@ -61,8 +61,7 @@ def base_url(request: Request) -> str:
 
 
 def _json_response(body, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(body, separators=(",", ":")), status_code=status, media_type=DICOM_JSON,
-                    headers=headers)
+    return Response(dicom_json.dumps_bytes(body), status_code=status, media_type=DICOM_JSON, headers=headers)
 
 
 def _streamed(s: Streamed) -> StreamingResponse:

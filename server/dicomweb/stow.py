@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from server.config import DuplicatePolicy, Settings
+from server.dicom.attributes import Level
 from server.dicom.parse import IngestWarning, ParsedInstance, parse_part10
 from server.dicomweb.media import MediaType, boundary_of, parse_media_type
 from server.dicomweb.multipart import MultipartParser, PartData, PartEnd, PartStart
@@ -184,6 +185,7 @@ class StowService:
         try:
             spool = writer.write_pending()
             parsed = parse_part10(spool.path)
+            _check_complete(parsed)
             if study_uid is not None and parsed.study_uid != study_uid:
                 spool.discard()
                 return Failed(FailureReason.STUDY_UID_MISMATCH,
@@ -256,6 +258,14 @@ class _PartWriter:
         """Drop the part's spool file, if any."""
         if self.spool is not None:
             await anyio.to_thread.run_sync(self.spool.discard)
+
+
+def _check_complete(parsed: ParsedInstance) -> None:
+    """INVALID for an image whose pixel data is missing: a file cut between two elements (PS3.3 C.7.6.3)."""
+    columns = parsed.columns[Level.INSTANCE]
+    if parsed.pixel is None and columns.get("rows") and columns.get("columns"):
+        raise ServerError(ErrorKind.INVALID,
+                          "truncated: the data set describes an image (Rows, Columns) but has no Pixel Data")
 
 
 def _unwrap(group: BaseExceptionGroup) -> BaseException:

@@ -105,17 +105,20 @@ class WadoService:
         items = parse_accept(accept)
         if accepts(items, DICOM_JSON) is None and accepts(items, "application/json") is None:
             raise ServerError(ErrorKind.NOT_ACCEPTABLE, "metadata is available as application/dicom+json only")
-        revision = await anyio.to_thread.run_sync(
-            lambda: self.archive.revision(tenant, target.level, target.study_uid, target.series_uid, target.sop_uid))
+        gz = _wants_gzip(accept_encoding)
+        return await anyio.to_thread.run_sync(self._metadata, tenant, target, base_url, if_none_match, gz)
+
+    def _metadata(self, tenant: str, target: Target, base_url: str, if_none_match: str | None,
+                  gz: bool) -> MetadataResponse:
+        """Revision check, then the precomputed JSON joined (one worker-thread call)."""
+        revision = self.archive.revision(tenant, target.level, target.study_uid, target.series_uid, target.sop_uid)
         if revision is None:
             raise ServerError(ErrorKind.NOT_FOUND, f"{target.level.value} not found")
-        gz = _wants_gzip(accept_encoding)
         etag = '"' + hashlib.sha1(f"{revision}|{base_url}|{gz}".encode()).hexdigest() + '"'
         if if_none_match and (if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]):
             return MetadataResponse(etag, None, gz)
-        rows = await anyio.to_thread.run_sync(self._rows, tenant, target, True)
-        body = await anyio.to_thread.run_sync(_assemble, rows, base_url, gz)
-        return MetadataResponse(etag, body, gz)
+        rows = self._rows(tenant, target, True)
+        return MetadataResponse(etag, _assemble(rows, base_url, gz), gz)
 
     async def bulk(self, tenant: str, target: Target, tag_path: str, accept: str | None) -> Streamed:
         """One bulk data value referenced by a BulkDataURI, as multipart/related octet-stream (PS3.18 10.4.1.1.5)."""

@@ -71,6 +71,7 @@ class BlobStore:
         self.fsync = fsync
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.blobs.mkdir(parents=True, exist_ok=True)
+        self._dirs: set[Path] = set()  # fan-out folders known to exist
 
     def spool(self) -> SpoolFile:
         """A new temporary file in the same file system as the blobs."""
@@ -95,7 +96,9 @@ class BlobStore:
         if target.exists():
             spool.discard()
             return digest
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent not in self._dirs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(target.parent)
         os.replace(spool.path, target)
         return digest
 

@@ -245,3 +245,11 @@ def test_index_failure_stores_nothing(client, settings, monkeypatch):
 
 def test_sample_path_available():
     assert sample_path("CT_small.dcm").exists()
+
+
+def test_image_cut_before_pixel_data_fails(client, settings):
+    data = make_instance()
+    cut = data[: data.rindex(b"\xe0\x7f\x10\x00")]  # the file ends right before the Pixel Data element
+    r = _post(client, settings, [cut])
+    assert r.status_code == 400
+    assert "Pixel Data" in _seq(r.json(), FAILED)[0]["0040A160"]["Value"][0]
