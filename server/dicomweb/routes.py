@@ -223,31 +223,31 @@ async def frames(study: str, series: str, instance: str, frames: str, principal:
     return await _not_yet(principal, wado, Target(Level.INSTANCE, study, series, instance), "frame retrieval")
 
 
-@router.get("/studies/{study}/rendered", description="Rendered (PS3.18 10.4.1.1.3): not yet, 406.")
-async def study_rendered(study: str, principal: Reader, wado: Wado) -> Response:
-    return await _not_yet(principal, wado, Target(Level.STUDY, study), "rendered retrieval")
+def _not_yet_endpoint(level: Level, what: str):
+    """An endpoint with the level's declared path parameters that answers 404 for unknown UIDs, else 406."""
+    if level is Level.STUDY:
+        async def study_endpoint(study: str, principal: Reader, wado: Wado) -> Response:
+            return await _not_yet(principal, wado, Target(level, study), what)
+        return study_endpoint
+    if level is Level.SERIES:
+        async def series_endpoint(study: str, series: str, principal: Reader, wado: Wado) -> Response:
+            return await _not_yet(principal, wado, Target(level, study, series), what)
+        return series_endpoint
+
+    async def instance_endpoint(study: str, series: str, instance: str, principal: Reader, wado: Wado) -> Response:
+        return await _not_yet(principal, wado, Target(level, study, series, instance), what)
+    return instance_endpoint
 
 
-@router.get("/studies/{study}/series/{series}/rendered", description="Rendered: not yet, 406.")
-async def series_rendered(study: str, series: str, principal: Reader, wado: Wado) -> Response:
-    return await _not_yet(principal, wado, Target(Level.SERIES, study, series), "rendered retrieval")
+def _add_not_yet(path: str, level: Level, what: str, doc: str) -> None:
+    """Register a rendered/thumbnail resource that is not implemented yet."""
+    router.add_api_route(path, _not_yet_endpoint(level, what), methods=["GET"], description=doc,
+                         name=f"{what} ({level.value})")
 
 
-@router.get("/studies/{study}/series/{series}/instances/{instance}/rendered", description="Rendered: not yet, 406.")
-async def instance_rendered(study: str, series: str, instance: str, principal: Reader, wado: Wado) -> Response:
-    return await _not_yet(principal, wado, Target(Level.INSTANCE, study, series, instance), "rendered retrieval")
-
-
-@router.get("/studies/{study}/thumbnail", description="Thumbnail (PS3.18 10.4.1.1.4): not yet, 406.")
-async def study_thumbnail(study: str, principal: Reader, wado: Wado) -> Response:
-    return await _not_yet(principal, wado, Target(Level.STUDY, study), "thumbnail retrieval")
-
-
-@router.get("/studies/{study}/series/{series}/thumbnail", description="Thumbnail: not yet, 406.")
-async def series_thumbnail(study: str, series: str, principal: Reader, wado: Wado) -> Response:
-    return await _not_yet(principal, wado, Target(Level.SERIES, study, series), "thumbnail retrieval")
-
-
-@router.get("/studies/{study}/series/{series}/instances/{instance}/thumbnail", description="Thumbnail: not yet, 406.")
-async def instance_thumbnail(study: str, series: str, instance: str, principal: Reader, wado: Wado) -> Response:
-    return await _not_yet(principal, wado, Target(Level.INSTANCE, study, series, instance), "thumbnail retrieval")
+for _suffix, _what, _section in (("rendered", "rendered retrieval", "10.4.1.1.3"),
+                                 ("thumbnail", "thumbnail retrieval", "10.4.1.1.4")):
+    for _prefix, _level in (("/studies/{study}", Level.STUDY),
+                            ("/studies/{study}/series/{series}", Level.SERIES),
+                            ("/studies/{study}/series/{series}/instances/{instance}", Level.INSTANCE)):
+        _add_not_yet(f"{_prefix}/{_suffix}", _level, _what, f"{_suffix.title()} (PS3.18 {_section}): not yet, 406.")

@@ -253,3 +253,16 @@ def test_image_cut_before_pixel_data_fails(client, settings):
     r = _post(client, settings, [cut])
     assert r.status_code == 400
     assert "Pixel Data" in _seq(r.json(), FAILED)[0]["0040A160"]["Value"][0]
+
+
+def test_blobs_are_synced_before_the_index_commits(client, settings, monkeypatch):
+    import hashlib
+
+    calls = []
+    blobs, archive = client.app.state.stow.blobs, client.app.state.archive
+    real_sync, real_index = blobs.sync, archive.index_batch
+    monkeypatch.setattr(blobs, "sync", lambda digests: (calls.append(("sync", sorted(digests))), real_sync(digests))[1])
+    monkeypatch.setattr(archive, "index_batch", lambda *a, **k: (calls.append(("index", None)), real_index(*a, **k))[1])
+    parts = [make_instance(), make_instance()]
+    assert _post(client, settings, parts).status_code == 200
+    assert calls == [("sync", sorted(hashlib.sha256(p).hexdigest() for p in parts)), ("index", None)]
