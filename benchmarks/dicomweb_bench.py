@@ -383,7 +383,8 @@ class Target:
 class Telerad(Target):
     name, key = "telerad-bridge", "telerad"
 
-    def __init__(self, workdir: Path, python: str, log: Callable[[str], None]):
+    def __init__(self, workdir: Path, python: str, log: Callable[[str], None], workers: int = 1):
+        self.workers = workers
         self.dir = workdir / "telerad-data"
         self.log_file = self.log_path = workdir / "telerad.log"
         self.python = python
@@ -395,7 +396,7 @@ class Telerad(Target):
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         cmd = [self.python, "-m", "server", "serve", "--data-dir", str(self.dir), "--host", "127.0.0.1",
-               "--port", str(self.port)]
+               "--port", str(self.port), "--workers", str(self.workers)]
         self.log(f"  starting: {' '.join(cmd)}")
         with open(self.log_file, "ab") as out:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -1031,6 +1032,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--orthanc-peer-script", type=Path, default=DEFAULT_PEER_SCRIPT,
                     help="orthanc-peer.sh; when missing, Orthanc is launched directly with the same config")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs `-m server`")
+    ap.add_argument("--telerad-workers", type=int, default=os.cpu_count() or 1,
+                    help="worker processes of our server (`telerad serve --workers`); RSS counts all of them")
     ap.add_argument("--tmp-dir", type=Path, default=None, help="parent of the temporary data folders")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data folders")
     ap.add_argument("--phase-seconds", type=float, default=300, help="time cap of each latency phase")
@@ -1065,7 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         targets: list[tuple[Target, bool]] = []
         if not args.no_telerad:
-            targets.append((Telerad(tmp / "telerad", args.python, log), True))
+            targets.append((Telerad(tmp / "telerad", args.python, log, args.telerad_workers), True))
         if use_orthanc:
             targets.append((Orthanc(tmp / "orthanc", args.orthanc_peer_script, log), args.big_stow_orthanc))
         for t, big in targets:
@@ -1096,7 +1099,8 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, ensure_ascii=False))
     print(f"\n### DICOMweb benchmark ({out['data']['instances']} instances, {total_bytes / MB:.0f} MB, "
-          f"{args.workers} STOW workers, {args.size}x{args.size})\n")
+          f"{args.workers} STOW client workers, {args.size}x{args.size}, "
+          f"telerad serve --workers {args.telerad_workers})\n")
     print(md)
     print("\nLatencies are p50 / p95 in ms (sequential requests on one keep-alive connection). "
           "Ratio = telerad-bridge / Orthanc.")

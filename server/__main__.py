@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,12 +18,20 @@ DEFAULT_READ_WRITE = "system/*.cruds"
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.app import create_app
+    from server.app import create_app, prepare
 
-    settings = load_settings(data_dir=args.data_dir, host=args.host, port=args.port)
+    settings = load_settings(data_dir=args.data_dir, host=args.host, port=args.port, workers=args.workers)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, proxy_headers=False)
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                    proxy_headers=False)
+        return 0
+    prepare(settings)
+    # Worker processes build their settings from the environment: hand the effective values down.
+    os.environ["TELERAD_DATA_DIR"] = str(settings.data_dir.resolve())
+    os.environ["TELERAD_DATABASE_URL"] = settings.resolved_database_url
+    uvicorn.run("server.app:worker_app", factory=True, workers=settings.workers, host=settings.host,
+                port=settings.port, log_level=settings.log_level, proxy_headers=False)
     return 0
 
 
@@ -60,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path, default=None, help="folder for index, blobs and keys (default ./data)")
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="worker processes sharing the port (default 1; e.g. the number of cores)")
     serve.set_defaults(func=_serve)
     token = sub.add_parser("token", help="print a bearer token the server in DATA_DIR accepts")
     token.add_argument("--data-dir", type=Path, default=None)

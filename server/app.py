@@ -32,13 +32,29 @@ DESCRIPTION = (
 )
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The ASGI application for ``settings``: migrates the index and prepares the data folder."""
+def prepare(settings: Settings) -> None:
+    """Once per data folder, before any worker serves: create it, migrate the index, sweep temp files."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.resolved_database_url)
-    upgrade(engine)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    BlobStore(settings.data_dir, fsync=settings.fsync).sweep_tmp()
+    load_or_create_key(settings.data_dir)
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process of ``telerad serve --workers N`` (settings from ``TELERAD_*``)."""
+    return create_app(Settings(), prepared=True)
+
+
+def create_app(settings: Settings, *, prepared: bool = False) -> FastAPI:
+    """The ASGI application for ``settings``; prepares the data folder unless ``prepared`` already."""
+    if not prepared:
+        prepare(settings)
+    engine = make_engine(settings.resolved_database_url)
     blobs = BlobStore(settings.data_dir, fsync=settings.fsync)
-    blobs.sweep_tmp()
     archive = Archive(engine)
 
     app = FastAPI(title="telerad-bridge", version=__version__, description=DESCRIPTION)

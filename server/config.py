@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8080
+    workers: int = Field(default=1, ge=1, le=64, description="worker processes of `telerad serve`")
     public_base_url: str | None = Field(
         default=None, description="Base URL used in RetrieveURL/BulkDataURI; default from the request"
     )

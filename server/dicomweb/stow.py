@@ -184,6 +184,7 @@ class StowService:
         spool = None
         try:
             spool = writer.write_pending()
+            spool.start_writeback()
             parsed = parse_part10(spool.path)
             _check_complete(parsed)
             if study_uid is not None and parsed.study_uid != study_uid:

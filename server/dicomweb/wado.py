@@ -169,7 +169,7 @@ def _assemble(rows, base_url: str, gz: bool) -> bytes:
     """A JSON array of the precomputed instance objects, the BulkDataURI base filled in."""
     text = "[" + ",".join(r.meta for r in rows) + "]"
     data = text.replace(PLACEHOLDER_URI, '"BulkDataURI":"' + json.dumps(base_url)[1:-1]).encode("utf-8")
-    return gzip.compress(data, compresslevel=5) if gz else data
+    return gzip.compress(data, compresslevel=1) if gz else data
 
 
 async def _dicom_parts(blobs: BlobStore, rows):

@@ -20,6 +20,7 @@ from sqlmodel import Session
 
 from server.dicom.attributes import Level
 from server.errors import ErrorKind, ServerError
+from server.store.db import writer
 from server.store.models import Instance, Series, Study
 
 
@@ -55,6 +56,7 @@ class Archive:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._writer = writer(engine)
         self._sqlite = engine.dialect.name == "sqlite"
         self._write_lock = threading.Lock()  # SQLite has one writer: serialise in-process writers
 
@@ -75,7 +77,7 @@ class Archive:
     def _index_batch_once(self, tenant: str, items: Sequence[NewInstance], *, replace: bool) -> list[IndexResult]:
         """Decide each instance's verdict with set-based lookups, then insert the new rows in one statement."""
         results: list[IndexResult] = []
-        with Session(self.engine, expire_on_commit=False) as session:
+        with Session(self._writer, expire_on_commit=False) as session:
             existing = self._existing(session, tenant, [i.parsed.sop_instance_uid for i in items])
             studies = self._load(session, Study, Study.study_uid, tenant, {i.parsed.study_uid for i in items})
             series_rows = self._load(session, Series, Series.series_uid, tenant, {i.parsed.series_uid for i in items})

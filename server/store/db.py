@@ -19,6 +19,7 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - exercised by every test
+            dbapi_conn.isolation_level = None  # transactions are begun below, not by the driver
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
@@ -26,8 +27,22 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn) -> None:  # pragma: no cover - exercised by every test
+            # Writers take the write lock up front, so two processes never both hold a read snapshot
+            # they then fail to upgrade (SQLITE_BUSY without waiting); readers begin deferred.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE) else "BEGIN")
+
         return engine
     return create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+WRITE = "telerad_write"  # execution option marking a write transaction
+
+
+def writer(engine: Engine) -> Engine:
+    """The engine for write transactions (SQLite: BEGIN IMMEDIATE)."""
+    return engine.execution_options(**{WRITE: True})
 
 
 def create_schema(engine: Engine) -> None:
