@@ -1032,7 +1032,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--orthanc-peer-script", type=Path, default=DEFAULT_PEER_SCRIPT,
                     help="orthanc-peer.sh; when missing, Orthanc is launched directly with the same config")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs `-m server`")
-    ap.add_argument("--telerad-workers", type=int, default=os.cpu_count() or 1,
+    ap.add_argument("--telerad-workers", type=int, default=1,
                     help="worker processes of our server (`telerad serve --workers`); RSS counts all of them")
     ap.add_argument("--tmp-dir", type=Path, default=None, help="parent of the temporary data folders")
     ap.add_argument("--keep", action="store_true", help="keep the temporary data folders")

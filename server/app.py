@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import uuid
 
+import anyio
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -69,7 +71,7 @@ def create_app(settings: Settings, *, prepared: bool = False) -> FastAPI:
 
     @app.get("/healthz", tags=["Operations"], description="Liveness: 200 when the index answers.")
     async def healthz() -> dict:
-        archive.ping()
+        await anyio.to_thread.run_sync(archive.ping)
         return {"status": "ok", "version": __version__}
 
     _install_error_handlers(app)
