@@ -12,7 +12,7 @@ from server.errors import ErrorKind
 
 ROOT = Path(__file__).resolve().parents[2] / "server"
 CORES = ["dicom", "dicomweb/multipart.py", "dicomweb/media.py", "dicomweb/status.py", "dicomweb/qido.py",
-         "errors.py", "config.py", "security/tokens.py"]
+         "errors.py", "config.py", "security/tokens.py", "fhir/profiles.py", "fhir/task.py"]
 EDGE_ONLY = {"fastapi", "starlette", "uvicorn", "aiosmtpd", "httpx"}
 STORE_ONLY = {"sqlmodel", "sqlalchemy", "alembic", "psycopg"}
 
