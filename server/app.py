@@ -20,17 +20,21 @@ from server.dicomweb.status import HTTP_STATUS_BY_KIND, error_body
 from server.dicomweb.stow import StowService
 from server.dicomweb.wado import WadoService
 from server.errors import ErrorKind, ServerError
+from server.fhir import outcome as fhir_outcome
+from server.fhir import routes as fhir_routes
+from server.fhir.service import FhirService
 from server.security.tokens import load_or_create_key
 from server.store.archive import Archive
 from server.store.blobs import BlobStore
 from server.store.db import make_engine
+from server.store.fhir import FhirStore
 from server.store.migrate import upgrade
 
 log = logging.getLogger("server")
 
 DESCRIPTION = (
-    "telerad-bridge: one site's gateway of the DRG teleradiology network. DICOMweb (PS3.18) under /dicomweb; "
-    "every request needs `Authorization: Bearer` (see `telerad token`)."
+    "telerad-bridge: one site's gateway of the DRG teleradiology network. DICOMweb (PS3.18) under /dicomweb, "
+    "FHIR R4 under /fhir; every request needs `Authorization: Bearer` (see `telerad token`)."
 )
 
 
@@ -67,7 +71,10 @@ def create_app(settings: Settings, *, prepared: bool = False) -> FastAPI:
     app.state.stow = StowService(settings, blobs, archive)
     app.state.wado = WadoService(blobs, archive)
     app.state.qido = QidoService(settings, engine)
+    app.state.fhir = FhirService(FhirStore(engine))
     app.include_router(dicomweb_routes.router)
+    app.include_router(fhir_routes.router)
+    app.include_router(fhir_routes.well_known)
 
     @app.get("/healthz", tags=["Operations"], description="Liveness: 200 when the index answers.")
     async def healthz() -> dict:
@@ -78,12 +85,22 @@ def create_app(settings: Settings, *, prepared: bool = False) -> FastAPI:
     return app
 
 
-def _error_response(request: Request, status: int, message: str, parameter: str | None = None) -> Response:
-    """The error body of the edge the request belongs to (DICOMweb: DICOM JSON)."""
+def _is_fhir(request: Request) -> bool:
+    path = request.url.path
+    return path == "/fhir" or path.startswith(("/fhir/", "/.well-known/"))
+
+
+def _error_response(request: Request, status: int, message: str, parameter: str | None = None, *,
+                    fhir_code: str | None = None) -> Response:
+    """The error body of the edge the request belongs to (DICOMweb: DICOM JSON; FHIR: OperationOutcome)."""
     headers = {}
     if status == 401:
         error = ' error="invalid_token"' if request.headers.get("authorization") else ""
         headers["WWW-Authenticate"] = f'Bearer realm="telerad-bridge"{error}'
+    if _is_fhir(request):
+        body = fhir_outcome.operation_outcome(fhir_code or fhir_outcome.code_for_status(status), message,
+                                              expression=parameter)
+        return JSONResponse(body, status_code=status, media_type=fhir_routes.FHIR_JSON, headers=headers)
     return JSONResponse(error_body(message, parameter), status_code=status, media_type="application/dicom+json",
                         headers=headers)
 
@@ -93,6 +110,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def server_error(request: Request, exc: ServerError) -> Response:
         if exc.kind is ErrorKind.INTERNAL:
             return _internal(request, exc)
+        if _is_fhir(request):
+            status, body = fhir_outcome.error_outcome(exc)
+            headers = {"WWW-Authenticate": 'Bearer realm="telerad-bridge"'} if status == 401 else {}
+            if status == 401 and request.headers.get("authorization"):
+                headers["WWW-Authenticate"] += ' error="invalid_token"'
+            return JSONResponse(body, status_code=status, media_type=fhir_routes.FHIR_JSON, headers=headers)
         return _error_response(request, HTTP_STATUS_BY_KIND[exc.kind], exc.message, exc.parameter)
 
     @app.exception_handler(RequestValidationError)

@@ -10,6 +10,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
 from server.store import models  # noqa: F401  (registers the tables)
+from server.store import fhir_models  # noqa: F401  (registers the FHIR tables)
 
 
 def make_engine(url: str) -> Engine:

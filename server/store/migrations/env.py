@@ -4,6 +4,7 @@ from alembic import context
 from sqlmodel import SQLModel
 
 from server.store import models  # noqa: F401  (registers the tables)
+from server.store import fhir_models  # noqa: F401  (registers the FHIR tables)
 
 target_metadata = SQLModel.metadata
 

@@ -1,0 +1,84 @@
+"""The CapabilityStatement (FHIR R4 6.3.0) and SMART configuration, generated from what is implemented.
+
+Resource types come from ``model.SUPPORTED_TYPES``, search parameters from ``params.PARAMS`` and
+``params.COMMON``, interactions and flags from ``INTERACTIONS`` below (the ones ``service.FhirService`` serves).
+"""
+
+from __future__ import annotations
+
+from server import __version__
+from server.fhir.model import SUPPORTED_TYPES
+from server.fhir.params import COMMON, PARAMS
+
+FHIR_VERSION = "4.0.1"
+INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create",
+                "search-type")
+SYSTEM_INTERACTIONS: tuple[str, ...] = ("transaction", "batch")
+SCOPES = ("system/*.cruds", "system/*.rs", "system/<Resource>.<c?r?u?d?s?>", "system/*.read", "system/*.write")
+
+
+def _search_params(rtype: str) -> list[dict]:
+    out = [{"name": name, "type": kind} for name, kind in COMMON.items()]
+    out += [{"name": name, "type": p.type} for name, p in sorted(PARAMS.get(rtype, {}).items())]
+    return out
+
+
+def _resource(rtype: str) -> dict:
+    refs = sorted(f"{rtype}:{name}" for name, p in PARAMS.get(rtype, {}).items() if p.type == "reference")
+    revs = sorted(f"{src}:{name}" for src, table in PARAMS.items() for name, p in table.items()
+                  if p.type == "reference" and (not p.targets or rtype in p.targets))
+    return {
+        "type": rtype,
+        "interaction": [{"code": code} for code in INTERACTIONS],
+        "versioning": "versioned-update",
+        "readHistory": True,
+        "updateCreate": True,
+        "conditionalCreate": True,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": True,
+        "conditionalDelete": "not-supported",
+        "searchInclude": refs,
+        "searchRevInclude": revs,
+        "searchParam": _search_params(rtype),
+    }
+
+
+def capability_statement(base: str) -> dict:
+    """The server's CapabilityStatement (kind instance, JSON only)."""
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-23",
+        "kind": "instance",
+        "software": {"name": "telerad-bridge", "version": __version__},
+        "implementation": {"description": "telerad-bridge FHIR R4 server", "url": base},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["json", "application/fhir+json"],
+        "rest": [{
+            "mode": "server",
+            "security": {
+                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                         "code": "SMART-on-FHIR"}]}],
+                "description": "Bearer tokens (RFC 6750) issued by `telerad token`, SMART v2 system scopes.",
+            },
+            "resource": [_resource(t) for t in SUPPORTED_TYPES],
+            "interaction": [{"code": code} for code in SYSTEM_INTERACTIONS],
+        }],
+    }
+
+
+def smart_configuration(base: str) -> dict:
+    """SMART App Launch 2.0 discovery (``.well-known/smart-configuration``).
+
+    Tokens are issued offline by ``telerad token`` (no OAuth token endpoint yet, so no grant types yet).
+    """
+    return {
+        "issuer": "telerad-bridge",
+        "token_endpoint": f"{base}/token-not-available",
+        "token_endpoint_auth_methods_supported": [],
+        "grant_types_supported": [],
+        "scopes_supported": list(SCOPES),
+        "capabilities": ["permission-v2"],
+        "code_challenge_methods_supported": [],
+        "telerad_token_issuance": "tokens are issued by the `telerad token` command of the server's data folder",
+    }

@@ -1,0 +1,52 @@
+"""Structure validation of FHIR R4 resources: the one module importing ``fhir.resources`` (its R4B models).
+
+R4B element names and cardinalities are those of R4 (4.0.1) for every resource type we serve.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from server.errors import ErrorKind, ServerError
+
+#: The resource types served under /fhir (read/write); ImagingStudy comes later as a read-only projection.
+SUPPORTED_TYPES: tuple[str, ...] = (
+    "Patient", "Organization", "HealthcareService", "Endpoint", "ServiceRequest", "Task",
+    "DiagnosticReport", "DocumentReference", "QuestionnaireResponse",
+)
+
+
+def expression(resource_type: str, loc: tuple[Any, ...]) -> str:
+    """The FHIRPath-like expression of a pydantic error location: ``Patient.name[0].family``."""
+    out = resource_type
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part != "__root__":
+            out += f".{part}"
+    return out
+
+
+def parse_resource(data: Any) -> dict:
+    """The resource ``data`` validated against its R4 structure, as a JSON-ready dict (FHIR R4 2.6.2 JSON)."""
+    if not isinstance(data, dict):
+        raise ServerError(ErrorKind.INVALID, "the body is not a JSON object", parameter="Resource")
+    rtype = data.get("resourceType")
+    if not isinstance(rtype, str) or rtype not in SUPPORTED_TYPES:
+        raise ServerError(ErrorKind.INVALID, f"unsupported or missing resourceType {rtype!r}",
+                          parameter="Resource.resourceType")
+    model = get_fhir_model_class(rtype)
+    try:
+        parsed = model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        what = {"missing": "required element missing", "extra_forbidden": "unknown element"}.get(
+            first["type"], "invalid value")
+        raise ServerError(ErrorKind.INVALID, f"{what} ({exc.error_count()} problem(s))",
+                          parameter=expression(rtype, first["loc"])) from exc
+    except (ValueError, TypeError) as exc:
+        raise ServerError(ErrorKind.INVALID, "invalid resource", parameter=rtype) from exc
+    return parsed.model_dump(mode="json", exclude_none=True, by_alias=True)
