@@ -22,12 +22,11 @@ from server.dicomweb.wado import WadoService
 from server.errors import ErrorKind, ServerError
 from server.fhir import outcome as fhir_outcome
 from server.fhir import routes as fhir_routes
-from server.fhir.service import FhirService
+from server.fhir.setup import build_service as build_fhir_service
 from server.security.tokens import load_or_create_key
 from server.store.archive import Archive
 from server.store.blobs import BlobStore
 from server.store.db import make_engine
-from server.store.fhir import FhirStore
 from server.store.migrate import upgrade
 
 log = logging.getLogger("server")
@@ -71,7 +70,7 @@ def create_app(settings: Settings, *, prepared: bool = False) -> FastAPI:
     app.state.stow = StowService(settings, blobs, archive)
     app.state.wado = WadoService(blobs, archive)
     app.state.qido = QidoService(settings, engine)
-    app.state.fhir = FhirService(FhirStore(engine))
+    app.state.fhir = build_fhir_service(settings, engine)
     app.include_router(dicomweb_routes.router)
     app.include_router(fhir_routes.router)
     app.include_router(fhir_routes.well_known)

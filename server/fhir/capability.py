@@ -7,12 +7,14 @@ Resource types come from ``model.SUPPORTED_TYPES``, search parameters from ``par
 from __future__ import annotations
 
 from server import __version__
-from server.fhir.model import SUPPORTED_TYPES
+from server.fhir.model import READ_ONLY_TYPES, SUPPORTED_TYPES
 from server.fhir.params import COMMON, PARAMS
 
 FHIR_VERSION = "4.0.1"
 INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create",
                 "search-type")
+READ_INTERACTIONS = ("read", "vread", "history-instance", "history-type", "search-type")
+PROJECTION_INTERACTIONS = ("read", "vread", "search-type")
 SYSTEM_INTERACTIONS: tuple[str, ...] = ("transaction", "batch")
 SCOPES = ("system/*.cruds", "system/*.rs", "system/<Resource>.<c?r?u?d?s?>", "system/*.read", "system/*.write")
 
@@ -23,19 +25,26 @@ def _search_params(rtype: str) -> list[dict]:
     return out
 
 
+def _interactions(rtype: str) -> tuple[str, ...]:
+    if rtype == "ImagingStudy":
+        return PROJECTION_INTERACTIONS
+    return READ_INTERACTIONS if rtype in READ_ONLY_TYPES else INTERACTIONS
+
+
 def _resource(rtype: str) -> dict:
+    writable = rtype not in READ_ONLY_TYPES
     refs = sorted(f"{rtype}:{name}" for name, p in PARAMS.get(rtype, {}).items() if p.type == "reference")
     revs = sorted(f"{src}:{name}" for src, table in PARAMS.items() for name, p in table.items()
                   if p.type == "reference" and (not p.targets or rtype in p.targets))
     return {
         "type": rtype,
-        "interaction": [{"code": code} for code in INTERACTIONS],
-        "versioning": "versioned-update",
-        "readHistory": True,
-        "updateCreate": True,
-        "conditionalCreate": True,
+        "interaction": [{"code": code} for code in _interactions(rtype)],
+        "versioning": "versioned-update" if writable else "versioned",
+        "readHistory": rtype != "ImagingStudy",
+        "updateCreate": writable,
+        "conditionalCreate": writable,
         "conditionalRead": "not-supported",
-        "conditionalUpdate": True,
+        "conditionalUpdate": writable,
         "conditionalDelete": "not-supported",
         "searchInclude": refs,
         "searchRevInclude": revs,

@@ -12,11 +12,14 @@ from pydantic import ValidationError
 
 from server.errors import ErrorKind, ServerError
 
-#: The resource types served under /fhir (read/write); ImagingStudy comes later as a read-only projection.
+#: The resource types served under /fhir.
 SUPPORTED_TYPES: tuple[str, ...] = (
     "Patient", "Organization", "HealthcareService", "Endpoint", "ServiceRequest", "Task",
-    "DiagnosticReport", "DocumentReference", "QuestionnaireResponse",
+    "DiagnosticReport", "DocumentReference", "QuestionnaireResponse", "Subscription", "AuditEvent",
+    "ImagingStudy",
 )
+#: Types only the server writes: AuditEvent (the server's record), ImagingStudy (a projection of the archive).
+READ_ONLY_TYPES: tuple[str, ...] = ("AuditEvent", "ImagingStudy")
 
 
 def expression(resource_type: str, loc: tuple[Any, ...]) -> str:

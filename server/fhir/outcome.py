@@ -36,6 +36,16 @@ class Gone(ServerError):
         super().__init__(ErrorKind.NOT_FOUND, message)
 
 
+class MethodNotAllowed(ServerError):
+    """An interaction the type does not support, e.g. a write to a read-only type (FHIR R4 3.1.0.1.9: 405)."""
+
+    status = 405
+    code = "not-supported"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorKind.FORBIDDEN, message)
+
+
 class PreconditionFailed(ServerError):
     """If-Match stale, or a conditional interaction matched too many (FHIR R4 3.1.0.5.3, 3.1.0.4.1, 3.1.0.8)."""
 

@@ -96,6 +96,22 @@ PARAMS: dict[str, dict[str, Param]] = {
         "identifier": _ID, "status": _STATUS, "subject": _SUBJ, "patient": _PAT, "based-on": _BASED,
         "authored": _p(DATE, "authored"), "author": _p(REFERENCE, "author"),
     },
+    "Subscription": {
+        "status": _STATUS, "type": _p(TOKEN, "channel.type"), "url": _p(TOKEN, "channel.endpoint"),
+        "criteria": _p(STRING, "criteria"), "payload": _p(TOKEN, "channel.payload"),
+    },
+    "AuditEvent": {
+        "date": _p(DATE, "recorded"), "type": _p(TOKEN, "type"), "subtype": _p(TOKEN, "subtype"),
+        "action": _p(TOKEN, "action"), "outcome": _p(TOKEN, "outcome"), "agent": _p(REFERENCE, "agent.who"),
+        "agent-name": _p(STRING, "agent.name"), "entity": _p(REFERENCE, "entity.what"),
+        "entity-type": _p(TOKEN, "entity.type"), "site": _p(TOKEN, "source.site"),
+    },
+    "ImagingStudy": {
+        "identifier": _ID, "status": _STATUS, "subject": _SUBJ, "patient": _PAT,
+        "modality": _p(TOKEN, "series.modality"), "started": _p(DATE, "started"),
+        "series": _p(TOKEN, "series.uid"), "endpoint": _p(REFERENCE, "endpoint", targets=("Endpoint",)),
+        "basedon": _p(REFERENCE, "basedOn"), "referrer": _p(REFERENCE, "referrer"),
+    },
 }
 
 #: ``_sort`` keys accepted besides the string, token and date parameters of the type.

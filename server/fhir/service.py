@@ -12,20 +12,38 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import format_datetime
 from datetime import datetime, timezone
+from typing import Protocol
 from urllib.parse import parse_qsl, urlencode
 
 from server.errors import ErrorKind, ServerError
 from server.fhir import params as P
-from server.fhir.model import SUPPORTED_TYPES, parse_resource
-from server.fhir.outcome import Gone, PreconditionFailed
+from server.fhir.model import READ_ONLY_TYPES, SUPPORTED_TYPES, parse_resource
+from server.fhir.outcome import Gone, MethodNotAllowed, PreconditionFailed
 from server.security.tokens import Access, Principal
 from server.store.fhir import FhirStore, FhirTx, Stored
 
 Validator = Callable[[dict, "dict | None"], None]
+#: Called inside the write transaction after each stored change: (tx, principal, interaction, new, old);
+#: ``interaction`` is "create", "update" or "delete"; ``new`` is the stored version (deleted for a delete).
+#: Work that must follow the change (notifications, audit) is written through ``tx`` so it commits with it.
+Listener = Callable[["FhirTx", Principal, str, "Stored", "Stored | None"], None]
+
+
+class Projection(Protocol):
+    """A read-only resource type computed from other data (ImagingStudy from the DICOM archive).
+
+    Serves read, vread of the current version and search-type; writes answer 405.
+    """
+
+    def read(self, tenant: str, rid: str) -> Stored | None:
+        """The current resource with this id, or None."""
+
+    def search(self, tenant: str, query: P.Query) -> tuple[int, list[Stored]]:
+        """(total, page) of the resources matching ``query`` (its clauses, sort, count and offset)."""
 ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR R4 2.24.0.2 id
 HISTORY_PARAMS = {"_count", "_offset", "_since", "_format", "_pretty"}
 
@@ -62,9 +80,21 @@ def _http_date(stored: str) -> str:
 class FhirService:
     """Create, read, vread, update, delete, history and search (FHIR R4 3.1.0) for one store."""
 
-    def __init__(self, store: FhirStore, *, validators: Mapping[str, Validator] | None = None) -> None:
+    def __init__(self, store: FhirStore, *, validators: Mapping[str, Validator] | None = None,
+                 listeners: Sequence[Listener] = (), projections: Mapping[str, Projection] | None = None) -> None:
         self.store = store
         self.validators = dict(validators or {})
+        self.listeners = list(listeners)
+        self.projections = dict(projections or {})
+
+    def writable(self, rtype: str) -> None:
+        """405 for the types clients cannot write (projections, AuditEvent)."""
+        if rtype in READ_ONLY_TYPES or rtype in self.projections:
+            raise MethodNotAllowed(f"{rtype} is read-only: written by the server, not by clients")
+
+    def _notify(self, tx: FhirTx, principal: Principal, interaction: str, new: Stored, old: Stored | None) -> None:
+        for listener in self.listeners:
+            listener(tx, principal, interaction, new, old)
 
     # ---- helpers ------------------------------------------------------------------------------------
     @staticmethod
@@ -102,7 +132,8 @@ class FhirService:
             raise Gone(f"{rtype}/{rid} was deleted")
         return stored
 
-    def _write(self, tx: FhirTx, resource: dict, old: Stored | None, *, method: str) -> Stored:
+    def _write(self, tx: FhirTx, principal: Principal, resource: dict, old: Stored | None, *,
+               method: str) -> Stored:
         """Stamp meta.versionId/lastUpdated and store a new version (FHIR R4 3.1.0.4 / 3.1.0.5)."""
         version = old.version_id + 1 if old else 1
         now = P.now_instant()
@@ -114,7 +145,10 @@ class FhirService:
         content = json.dumps(resource, ensure_ascii=False, separators=(",", ":"))
         tx.put(resource["resourceType"], resource["id"], version, now, content, P.index_values(resource),
                method=method)
-        return Stored(resource["resourceType"], resource["id"], version, now, False, content, method)
+        stored = Stored(resource["resourceType"], resource["id"], version, now, False, content, method)
+        live_old = old if old is not None and not old.deleted else None
+        self._notify(tx, principal, "update" if live_old else "create", stored, live_old)
+        return stored
 
     @staticmethod
     def parse_body(rtype: str, body: object) -> dict:
@@ -135,6 +169,7 @@ class FhirService:
                if_none_exist: str | None = None) -> Result:
         """Create with a server-assigned id; conditional with If-None-Exist (FHIR R4 3.1.0.5, 3.1.0.5.3)."""
         self.check_type(rtype)
+        self.writable(rtype)
         self.authorize(principal, rtype, Access.CREATE)
         resource = self.parse_body(rtype, body)
         with self.store.transaction(principal.tenant, write=True) as tx:
@@ -153,13 +188,14 @@ class FhirService:
                   if_none_exist: str | None = None, new_id: str | None = None) -> Result:
         """Create inside ``tx`` (the id is ``new_id`` or a fresh UUID)."""
         rtype = resource["resourceType"]
+        self.writable(rtype)
         self.authorize(principal, rtype, Access.CREATE)
         if if_none_exist is not None:
             found = self.existing(tx, principal, rtype, if_none_exist)
             if found is not None:
                 return self._result(200, found, location=True, base=base)
         resource = {**resource, "id": new_id or str(uuid.uuid4())}
-        stored = self._write(tx, resource, None, method="POST")
+        stored = self._write(tx, principal, resource, None, method="POST")
         return self._result(201, stored, location=True, base=base)
 
     def read(self, principal: Principal, rtype: str, rid: str) -> Result:
@@ -173,7 +209,9 @@ class FhirService:
         """Read inside ``tx``."""
         self.check_type(rtype)
         self.authorize(principal, rtype, Access.READ)
-        return self._result(200, self._live(tx.current(rtype, rid), rtype, rid))
+        projection = self.projections.get(rtype)
+        stored = projection.read(principal.tenant, rid) if projection else tx.current(rtype, rid)
+        return self._result(200, self._live(stored, rtype, rid))
 
     def vread(self, principal: Principal, rtype: str, rid: str, vid: str) -> Result:
         """Read one version (FHIR R4 3.1.0.3)."""
@@ -181,6 +219,13 @@ class FhirService:
         self.authorize(principal, rtype, Access.READ)
         if not vid.isdigit():
             raise ServerError(ErrorKind.NOT_FOUND, f"{rtype}/{rid}/_history/{vid} not found")
+        projection = self.projections.get(rtype)
+        if projection is not None:
+            stored = projection.read(principal.tenant, rid)
+            if stored is None or stored.version_id != int(vid):
+                raise ServerError(ErrorKind.NOT_FOUND, f"{rtype}/{rid}/_history/{vid} not found (only the "
+                                  "current version of a projection is kept)")
+            return self._result(200, stored)
         with self.store.transaction(principal.tenant, write=False) as tx:
             stored = self._live(tx.version(rtype, rid, int(vid)), rtype, rid)
         return self._result(200, stored)
@@ -189,6 +234,7 @@ class FhirService:
                if_match: str | None = None) -> Result:
         """Update, or create with the client's id (FHIR R4 3.1.0.4); If-Match versioned update (3.1.0.4.1)."""
         self.check_type(rtype)
+        self.writable(rtype)
         self.authorize(principal, rtype, Access.UPDATE)
         resource = self.parse_body(rtype, body)
         if resource.get("id") != rid:
@@ -199,6 +245,7 @@ class FhirService:
     def update_in(self, tx: FhirTx, principal: Principal, resource: dict, if_match: str | None, base: str) -> Result:
         """Update or create-on-update inside ``tx``."""
         rtype, rid = resource["resourceType"], resource["id"]
+        self.writable(rtype)
         self.authorize(principal, rtype, Access.UPDATE)
         if not ID.match(rid):
             raise ServerError(ErrorKind.INVALID, "invalid resource id", parameter=f"{rtype}.id")
@@ -209,7 +256,7 @@ class FhirService:
                 raise PreconditionFailed(f"If-Match {if_match} is not the current version", parameter="If-Match")
         if old is None or old.deleted:
             self.authorize(principal, rtype, Access.CREATE)
-        stored = self._write(tx, resource, old, method="PUT")
+        stored = self._write(tx, principal, resource, old, method="PUT")
         created = old is None or old.deleted
         return self._result(201 if created else 200, stored, location=created, base=base)
 
@@ -217,6 +264,7 @@ class FhirService:
                            *, base: str, if_match: str | None = None) -> Result:
         """Update the one resource matching the criteria, or create (FHIR R4 3.1.0.4.3 conditional update)."""
         self.check_type(rtype)
+        self.writable(rtype)
         self.authorize(principal, rtype, Access.UPDATE)
         self.authorize(principal, rtype, Access.SEARCH)
         resource = self.parse_body(rtype, body)
@@ -245,18 +293,22 @@ class FhirService:
     def delete(self, principal: Principal, rtype: str, rid: str) -> Result:
         """Delete (FHIR R4 3.1.0.7): a new, content-less version; deleting again changes nothing."""
         self.check_type(rtype)
+        self.writable(rtype)
         with self.store.transaction(principal.tenant, write=True) as tx:
             return self.delete_in(tx, principal, rtype, rid)
 
     def delete_in(self, tx: FhirTx, principal: Principal, rtype: str, rid: str) -> Result:
         """Delete inside ``tx``."""
+        self.writable(rtype)
         self.authorize(principal, rtype, Access.DELETE)
         old = tx.current(rtype, rid, lock=True)
         if old is None:
             raise ServerError(ErrorKind.NOT_FOUND, f"{rtype}/{rid} not found")
         if old.deleted:
             return Result(204)
-        tx.delete(rtype, rid, old.version_id + 1, P.now_instant())
+        now = P.now_instant()
+        tx.delete(rtype, rid, old.version_id + 1, now)
+        self._notify(tx, principal, "delete", Stored(rtype, rid, old.version_id + 1, now, True, None, "DELETE"), old)
         return Result(204, None, {"ETag": etag(old.version_id + 1)})
 
     def history(self, principal: Principal, rtype: str, rid: str | None, items: list[tuple[str, str]], *,
@@ -264,6 +316,8 @@ class FhirService:
         """Instance or type history as a Bundle of type history, newest first (FHIR R4 3.1.0.11)."""
         self.check_type(rtype)
         self.authorize(principal, rtype, Access.READ)
+        if rtype in self.projections:
+            raise MethodNotAllowed(f"{rtype} is a projection without history")
         args = dict(items)
         unknown = set(args) - HISTORY_PARAMS
         if unknown:
@@ -295,7 +349,8 @@ class FhirService:
         self.check_type(rtype)
         self.authorize(principal, rtype, Access.SEARCH)
         query = P.parse_query(rtype, items, lenient=lenient)
-        total, page = tx.search(query)
+        projection = self.projections.get(rtype)
+        total, page = projection.search(principal.tenant, query) if projection else tx.search(query)
         included = self._included(tx, principal, query, page)
         entries = [_entry(s, base, "match") for s in page] + [_entry(s, base, "include") for s in included]
         bundle = _bundle("searchset", total, entries)

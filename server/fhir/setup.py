@@ -1,0 +1,33 @@
+"""The FHIR service of an app: its store, content validators, write listeners and read-only projections.
+
+The one place where the FHIR parts are put together (``create_app`` calls ``build_service``).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import Engine
+
+from server.config import Settings
+from server.fhir.service import FhirService, Listener, Projection, Validator
+from server.store.fhir import FhirStore
+
+
+def validators(settings: Settings) -> dict[str, Validator]:
+    """Content rules run on create and update, by resource type ("*" for all)."""
+    return {}
+
+
+def listeners(settings: Settings, engine: Engine) -> list[Listener]:
+    """Work done in the write transaction of every change."""
+    return []
+
+
+def projections(settings: Settings, engine: Engine) -> dict[str, Projection]:
+    """Read-only resource types computed from other data."""
+    return {}
+
+
+def build_service(settings: Settings, engine: Engine) -> FhirService:
+    """The FhirService of an app."""
+    return FhirService(FhirStore(engine), validators=validators(settings),
+                       listeners=listeners(settings, engine), projections=projections(settings, engine))
