@@ -9,6 +9,7 @@ import pytest
 
 from server.dicomweb.status import FAILURE_BY_KIND, HTTP_STATUS_BY_KIND
 from server.errors import ErrorKind
+from server.fhir.outcome import FHIR_BY_KIND
 
 ROOT = Path(__file__).resolve().parents[2] / "server"
 CORES = ["dicom", "dicomweb/multipart.py", "dicomweb/media.py", "dicomweb/status.py", "dicomweb/qido.py",
@@ -43,7 +44,7 @@ def test_cores_import_no_edges_and_no_sql(spec):
 def test_sql_lives_in_store_only():
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT).as_posix()
-        if rel.startswith("store/") or rel in ("dicomweb/search.py", "app.py"):
+        if rel.startswith("store/") or rel in ("dicomweb/search.py", "app.py", "fhir/setup.py"):
             continue
         bad = _imports(path) & STORE_ONLY
         assert not bad, f"{rel} imports {bad}"
@@ -54,6 +55,7 @@ def test_search_service_uses_sessions_only():
     assert "select(" not in text and "text(" not in text
 
 
-@pytest.mark.parametrize("table", [HTTP_STATUS_BY_KIND, FAILURE_BY_KIND], ids=["http", "stow-failure"])
+@pytest.mark.parametrize("table", [HTTP_STATUS_BY_KIND, FAILURE_BY_KIND, FHIR_BY_KIND],
+                         ids=["http", "stow-failure", "fhir"])
 def test_every_error_kind_is_mapped(table):
     assert set(table) == set(ErrorKind)
