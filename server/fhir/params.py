@@ -6,6 +6,7 @@ Pure: no SQL, no HTTP. The store turns ``Clause`` objects into SQL; the Capabili
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
@@ -195,10 +196,35 @@ def index_values(resource: dict) -> list[IndexValue]:
     return out
 
 
+_WORD_START = re.compile(r"(?<=[^0-9A-Z])(?=[0-9A-Z])")
+
+
+def _plain(text: str) -> str:
+    """Upper case without any accent: 'Mü' -> 'MU' (the other spelling of what ``fold`` makes 'MUE')."""
+    decomposed = unicodedata.normalize("NFKD", text.upper().replace("ß", "SS").replace("ẞ", "SS"))
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def string_forms(text: str) -> list[str]:
+    """The folded forms a string search matches as prefixes (FHIR R4 3.1.1.4.6 string, accent-insensitive).
+
+    The whole value and the rest from every word start ("bremen" finds "Klinikum Bremen-Mitte"), each in both
+    German spellings of an umlaut ("Muenchen" and "Munchen" find "München"). The first form is the whole value.
+    """
+    out: list[str] = []
+    for whole in dict.fromkeys((fold(text), _plain(text))):
+        starts = [0] + [m.start() for m in _WORD_START.finditer(whole)]
+        out.extend(whole[i:] for i in starts)
+    return list(dict.fromkeys(out))
+
+
 def _values(name: str, param: Param, node: Any) -> Iterator[IndexValue]:
     if param.type == STRING:
         for s in _strings(node):
-            yield IndexValue(name, value=fold(s), exact=s)
+            forms = string_forms(s)
+            yield IndexValue(name, value=forms[0], exact=s)
+            for form in forms[1:]:
+                yield IndexValue(name, value=form)
     elif param.type == TOKEN:
         for system, code in _tokens(node):
             yield IndexValue(name, system=system, value=code)

@@ -246,7 +246,8 @@ class FhirTx:
             else:
                 ix = IX.alias()
                 column = ix.c.low if kind == P.DATE else ix.c.value
-                col = select(func.min(column)).where(ix.c.resource_pk == R.c.pk, ix.c.param == key)
+                whole = [ix.c.exact.isnot(None)] if kind == P.STRING else []  # not the word-start rows
+                col = select(func.min(column)).where(ix.c.resource_pk == R.c.pk, ix.c.param == key, *whole)
                 col = col.scalar_subquery()
             out.append(col.desc() if desc else col.asc())
         return out

@@ -54,7 +54,14 @@ def directory(client, h):
 def test_string_search(client, h, directory):
     d = directory
     assert ids(search(client, h, "Organization?name=klinikum")) == [d["bremen"]]
-    assert ids(search(client, h, "Organization?name=bremen")) == []
+    assert ids(search(client, h, "Organization?name=bremen")) == [d["bremen"]]  # any word start
+    assert ids(search(client, h, "Organization?name=mitte")) == [d["bremen"]]
+    assert ids(search(client, h, "Organization?name=remen")) == []  # not inside a word
+    assert ids(search(client, h, "Organization?name=koln")) == [d["koeln"]]  # ö as o
+    assert ids(search(client, h, "Organization?name=Köln")) == [d["koeln"]]
+    assert ids(search(client, h, "Organization?name=KOELN")) == [d["koeln"]]  # ö as oe
+    assert ids(search(client, h, "Organization?address-city=bre")) == [d["bremen"]]
+    assert ids(search(client, h, "HealthcareService?organization.name=bremen")) == [d["hs"]]
     assert ids(search(client, h, "Organization?name:contains=bremen")) == [d["bremen"]]
     assert ids(search(client, h, "Organization?name=UNIVERSITAETS")) == [d["koeln"]]  # accent folded
     assert ids(search(client, h, "Organization?name:exact=Klinikum Bremen-Mitte")) == [d["bremen"]]
