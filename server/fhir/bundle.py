@@ -137,6 +137,7 @@ class BundleProcessor:
         results: dict[int, dict] = {}
         with self.service.store.transaction(principal.tenant, write=True) as tx:
             ids = self._assign_ids(tx, principal, ops)
+            tx.planned = frozenset(ids.values())  # references to these resolve once the transaction is done
             for op in sorted(ops, key=lambda o: (ORDER[o.method], o.index)):
                 if op.resource is not None:
                     op.resource = _rewrite(op.resource, ids)

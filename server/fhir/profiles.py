@@ -91,6 +91,18 @@ HL7_CODE_SYSTEMS: Mapping[str, frozenset[str]] = MappingProxyType({
     "http://hl7.org/fhir/request-priority": frozenset({"routine", "urgent", "asap", "stat"}),
     "http://hl7.org/fhir/endpoint-status": frozenset({
         "active", "suspended", "error", "off", "entered-in-error", "test"}),
+    "http://hl7.org/fhir/administrative-gender": frozenset({"male", "female", "other", "unknown"}),
+    "http://hl7.org/fhir/diagnostic-report-status": frozenset({
+        "registered", "partial", "preliminary", "final", "amended", "corrected", "appended", "cancelled",
+        "entered-in-error", "unknown"}),
+    "http://hl7.org/fhir/document-reference-status": frozenset({"current", "superseded", "entered-in-error"}),
+    "http://hl7.org/fhir/composition-status": frozenset({"preliminary", "final", "amended", "entered-in-error"}),
+    "http://hl7.org/fhir/questionnaire-answers-status": frozenset({
+        "in-progress", "completed", "amended", "entered-in-error", "stopped"}),
+    "http://hl7.org/fhir/subscription-status": frozenset({"requested", "active", "error", "off"}),
+    "http://hl7.org/fhir/subscription-channel-type": frozenset({"rest-hook", "websocket", "email", "sms",
+                                                                "message"}),
+    "http://hl7.org/fhir/days-of-week": frozenset({"mon", "tue", "wed", "thu", "fri", "sat", "sun"}),
     "http://hl7.org/fhir/CodeSystem/task-code": frozenset({
         "approve", "fulfill", "abort", "replace", "change", "suspend", "resume"}),
     "http://terminology.hl7.org/CodeSystem/endpoint-connection-type": frozenset({
@@ -114,6 +126,18 @@ HL7_VALUE_SETS: Mapping[str, frozenset[tuple[str, str]]] = MappingProxyType({
         _system("http://hl7.org/fhir/endpoint-status", *HL7_CODE_SYSTEMS["http://hl7.org/fhir/endpoint-status"]),
 })
 
+
+
+def _whole(name: str, system: str | None = None) -> tuple[str, frozenset[tuple[str, str]]]:
+    """An R4 value set that is the whole of its code system (``http://hl7.org/fhir/<name>``)."""
+    system = system or f"http://hl7.org/fhir/{name}"
+    return f"http://hl7.org/fhir/ValueSet/{name}", _system(system, *HL7_CODE_SYSTEMS[system])
+
+
+HL7_VALUE_SETS = MappingProxyType({**HL7_VALUE_SETS, **dict(_whole(n) for n in (
+    "administrative-gender", "diagnostic-report-status", "document-reference-status", "composition-status",
+    "questionnaire-answers-status", "subscription-status", "subscription-channel-type", "days-of-week"))})
+
 #: Required bindings of the R4 base resources (element path -> value set), checked on every resource of the type.
 BASE_BINDINGS: Mapping[str, Mapping[str, str]] = MappingProxyType({
     "ServiceRequest": {"ServiceRequest.status": "http://hl7.org/fhir/ValueSet/request-status",
@@ -123,6 +147,17 @@ BASE_BINDINGS: Mapping[str, Mapping[str, str]] = MappingProxyType({
              "Task.intent": "http://hl7.org/fhir/ValueSet/task-intent",
              "Task.priority": "http://hl7.org/fhir/ValueSet/request-priority"},
     "Endpoint": {"Endpoint.status": "http://hl7.org/fhir/ValueSet/endpoint-status"},
+    "Patient": {"Patient.gender": "http://hl7.org/fhir/ValueSet/administrative-gender",
+                "Patient.contact.gender": "http://hl7.org/fhir/ValueSet/administrative-gender"},
+    "DiagnosticReport": {"DiagnosticReport.status": "http://hl7.org/fhir/ValueSet/diagnostic-report-status"},
+    "DocumentReference": {"DocumentReference.status": "http://hl7.org/fhir/ValueSet/document-reference-status",
+                          "DocumentReference.docStatus": "http://hl7.org/fhir/ValueSet/composition-status"},
+    "QuestionnaireResponse": {
+        "QuestionnaireResponse.status": "http://hl7.org/fhir/ValueSet/questionnaire-answers-status"},
+    "Subscription": {"Subscription.status": "http://hl7.org/fhir/ValueSet/subscription-status",
+                     "Subscription.channel.type": "http://hl7.org/fhir/ValueSet/subscription-channel-type"},
+    "HealthcareService": {
+        "HealthcareService.availableTime.daysOfWeek": "http://hl7.org/fhir/ValueSet/days-of-week"},
 })
 
 #: Profile applied when a resource claims none we know, by resource type.
@@ -475,7 +510,9 @@ def _base_bindings(resource: dict, registry: Registry) -> Iterator[Issue]:
     """The R4 base resource's required bindings (``BASE_BINDINGS``)."""
     root = Node(resource["resourceType"], resource)
     for path, vs_url in BASE_BINDINGS.get(resource["resourceType"], {}).items():
-        nodes = _children(root, path.split(".", 1)[1], None)
+        nodes = [root]
+        for segment in path.split(".")[1:]:
+            nodes = [child for node in nodes for child in _children(node, segment, None)]
         yield from _check_binding(path, vs_url, nodes, registry)
 
 

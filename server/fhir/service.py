@@ -4,7 +4,8 @@ Store transactions are opened through ``FhirStore.transaction`` (the store commi
 with ``Principal.allows`` (SMART v2). Hook for content rules: ``validators`` maps a resource type (or ``"*"``
 for every type) to a callable ``(new, old) -> None`` run on create and update before anything is stored;
 ``old`` is the current resource or None. It raises ServerError (e.g. INVALID with the element's expression for
-a profile violation, CONFLICT for an illegal Task status transition).
+a profile violation, CONFLICT for an illegal Task status transition). A validator may return a rewritten
+resource instead of None: it is stored in place of the client's (the server activating a Subscription).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from urllib.parse import parse_qsl, urlencode
 from server.errors import ErrorKind, ServerError
 from server.fhir import params as P
 from server.fhir.model import READ_ONLY_TYPES, SUPPORTED_TYPES, parse_resource
-from server.fhir.outcome import Gone, MethodNotAllowed, PreconditionFailed
+from server.fhir.outcome import Gone, MethodNotAllowed, PreconditionFailed, Unprocessable
+from server.fhir.validation import literal_references, unresolved
 from server.security.tokens import Access, Principal
 from server.store.fhir import FhirStore, FhirTx, Stored
 
-Validator = Callable[[dict, "dict | None"], None]
+Validator = Callable[[dict, "dict | None"], "dict | None"]
 #: Called inside the write transaction after each stored change: (tx, principal, interaction, new, old);
 #: ``interaction`` is "create", "update" or "delete"; ``new`` is the stored version (deleted for a delete).
 #: Work that must follow the change (notifications, audit) is written through ``tx`` so it commits with it.
@@ -110,11 +112,13 @@ class FhirService:
         if not principal.allows(rtype, access):
             raise ServerError(ErrorKind.FORBIDDEN, f"scope does not allow {access.name.lower()} on {rtype}")
 
-    def _validate(self, new: dict, old: dict | None) -> None:
+    def _validate(self, new: dict, old: dict | None) -> dict:
+        """Run the validators; one may return a rewritten resource (the server's part, e.g. a status)."""
         for key in ("*", new["resourceType"]):
             hook = self.validators.get(key)
             if hook is not None:
-                hook(new, old)
+                new = hook(new, old) or new
+        return new
 
     @staticmethod
     def _result(status: int, stored: Stored, *, location: bool = False, base: str = "") -> Result:
@@ -141,7 +145,8 @@ class FhirService:
         meta.update(versionId=str(version), lastUpdated=P.render_instant(now))
         resource = {"resourceType": resource["resourceType"], "id": resource["id"], "meta": meta,
                     **{k: v for k, v in resource.items() if k not in ("resourceType", "id", "meta")}}
-        self._validate(resource, old.resource() if old and not old.deleted else None)
+        resource = self._validate(resource, old.resource() if old and not old.deleted else None)
+        self._check_references(tx, principal.tenant, resource)
         content = json.dumps(resource, ensure_ascii=False, separators=(",", ":"))
         tx.put(resource["resourceType"], resource["id"], version, now, content, P.index_values(resource),
                method=method)
@@ -149,6 +154,32 @@ class FhirService:
         live_old = old if old is not None and not old.deleted else None
         self._notify(tx, principal, "update" if live_old else "create", stored, live_old)
         return stored
+
+    def _check_references(self, tx: FhirTx, tenant: str, resource: dict) -> None:
+        """Unprocessable (422) unless every relative reference to a type we serve resolves in this tenant.
+
+        Targets created later in the same transaction (``tx.planned``, set by the Bundle processor) count as
+        resolved; the transaction fails as a whole if they are not created (FHIR R4 3.1.0.11.2).
+        """
+        planned = getattr(tx, "planned", frozenset())
+        wanted: dict[str, dict[str, list[str]]] = {}
+        issues = []
+        for expression, rtype, rid in literal_references(resource):
+            if rtype == "urn":
+                issues.append(unresolved(expression, f"{rid} resolves only inside a transaction Bundle"))
+            elif rtype in SUPPORTED_TYPES and f"{rtype}/{rid}" not in planned:
+                wanted.setdefault(rtype, {}).setdefault(rid, []).append(expression)
+        for rtype, by_id in wanted.items():
+            projection = self.projections.get(rtype)
+            if projection is not None:
+                found = {rid for rid in by_id if projection.read(tenant, rid) is not None}
+            else:
+                found = {s.resource_id for s in tx.by_ids(rtype, list(by_id))}
+            for rid, expressions in by_id.items():
+                if rid not in found:
+                    issues += [unresolved(e, f"{rtype}/{rid} does not exist") for e in expressions]
+        if issues:
+            raise Unprocessable(issues)
 
     @staticmethod
     def parse_body(rtype: str, body: object) -> dict:

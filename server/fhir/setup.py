@@ -8,18 +8,20 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine
 
 from server.config import Settings
+from server.fhir.delivery import SubscriptionListener
+from server.fhir.validation import check_content
 from server.fhir.service import FhirService, Listener, Projection, Validator
 from server.store.fhir import FhirStore
 
 
 def validators(settings: Settings) -> dict[str, Validator]:
     """Content rules run on create and update, by resource type ("*" for all)."""
-    return {}
+    return {"*": check_content}
 
 
 def listeners(settings: Settings, engine: Engine) -> list[Listener]:
-    """Work done in the write transaction of every change."""
-    return []
+    """Work done in the write transaction of every change (Subscription matching: FHIR R4 subscription.html)."""
+    return [SubscriptionListener()]
 
 
 def projections(settings: Settings, engine: Engine) -> dict[str, Projection]:

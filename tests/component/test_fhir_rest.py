@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import auth, make_token
+from tests.fhir_examples import order, seed_client, task
 
 FHIR = "application/fhir+json"
 
@@ -12,6 +13,11 @@ FHIR = "application/fhir+json"
 @pytest.fixture
 def h(settings):
     return {**auth(make_token(settings)), "Content-Type": FHIR}
+
+
+@pytest.fixture
+def seeded(client, h):
+    seed_client(client, h)
 
 
 def org(name="Klinikum Bremen-Mitte", **extra):
@@ -75,9 +81,8 @@ def test_prefer_return(client, h):
     assert r.json()["resourceType"] == "OperationOutcome"
 
 
-def test_conditional_create(client, h):
-    sr = {"resourceType": "ServiceRequest", "status": "active", "intent": "order",
-          "subject": {"reference": "Patient/p1"}, "identifier": [{"system": "urn:ehr", "value": "A-1"}]}
+def test_conditional_create(client, h, seeded):
+    sr = order("A-1")
     first = create(client, h, sr, **{"If-None-Exist": "identifier=urn:ehr|A-1"})
     again = create(client, h, sr, **{"If-None-Exist": "identifier=urn:ehr|A-1"})
     assert first.status_code == 201 and again.status_code == 200
@@ -184,21 +189,18 @@ def test_dicomweb_errors_unchanged(client):
 
 def _order_bundle(kind="transaction", bad_task=False):
     sr_url, task_url = "urn:uuid:6f3a0c1e-0000-4000-8000-000000000001", "urn:uuid:6f3a0c1e-0000-4000-8000-000000000002"
-    task = {"resourceType": "Task", "status": "requested", "intent": "order",
-            "basedOn": [{"reference": sr_url}], "focus": {"reference": sr_url}}
+    t = task(sr_url)
     if bad_task:
-        task["status"] = 7
+        t["status"] = 7
     return {"resourceType": "Bundle", "type": kind, "entry": [
-        {"fullUrl": task_url, "resource": task, "request": {"method": "POST", "url": "Task"}},
-        {"fullUrl": sr_url, "resource": {"resourceType": "ServiceRequest", "status": "active", "intent": "order",
-                                         "subject": {"reference": "Patient/p1"},
-                                         "identifier": [{"system": "urn:ehr", "value": "T-1"}]},
+        {"fullUrl": task_url, "resource": t, "request": {"method": "POST", "url": "Task"}},
+        {"fullUrl": sr_url, "resource": order("T-1"),
          "request": {"method": "POST", "url": "ServiceRequest", "ifNoneExist": "identifier=urn:ehr|T-1"}},
         {"request": {"method": "GET", "url": "ServiceRequest?identifier=urn:ehr|T-1"}},
     ]}
 
 
-def test_transaction_resolves_urn_uuid(client, h):
+def test_transaction_resolves_urn_uuid(client, h, seeded):
     r = client.post("/fhir", json=_order_bundle(), headers=h)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -216,7 +218,7 @@ def test_transaction_resolves_urn_uuid(client, h):
     assert again["entry"][0]["resource"]["basedOn"][0]["reference"] == f"ServiceRequest/{sr_id}"
 
 
-def test_transaction_is_all_or_nothing(client, h):
+def test_transaction_is_all_or_nothing(client, h, seeded):
     r = client.post("/fhir", json=_order_bundle(bad_task=True), headers=h)
     assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome"
     bundle = _order_bundle()
@@ -227,14 +229,14 @@ def test_transaction_is_all_or_nothing(client, h):
     assert client.get("/fhir/Task", headers=h).json()["total"] == 0
 
 
-def test_batch_entries_fail_alone(client, settings, h):
+def test_batch_entries_fail_alone(client, settings, h, seeded):
     bundle = _order_bundle("batch")
-    bundle["entry"][0]["resource"]["basedOn"] = [{"reference": "ServiceRequest/x"}]
-    bundle["entry"][0]["resource"]["focus"] = {"reference": "ServiceRequest/x"}
     bundle["entry"].append({"request": {"method": "GET", "url": "Patient/none"}})
     out = client.post("/fhir", json=bundle, headers=h).json()
     assert out["type"] == "batch-response"
-    assert [e["response"]["status"][:3] for e in out["entry"]] == ["201", "201", "200", "404"]
+    # a batch resolves no urn:uuid between entries: the Task's reference stays unresolved (422)
+    assert [e["response"]["status"][:3] for e in out["entry"]] == ["422", "201", "200", "404"]
+    assert out["entry"][0]["response"]["outcome"]["issue"][0]["code"] == "not-found"
     assert out["entry"][3]["response"]["outcome"]["resourceType"] == "OperationOutcome"
     # another tenant's transaction neither sees nor touches site-a's resources
     b = {**auth(make_token(settings, tenant="site-b")), "Content-Type": FHIR}
@@ -291,8 +293,8 @@ def test_concurrent_conditional_creates_make_one(live_server, settings):
     import httpx
 
     headers = {**auth(make_token(settings)), "Content-Type": FHIR, "If-None-Exist": "identifier=urn:ehr|C-1"}
-    sr = {"resourceType": "ServiceRequest", "status": "active", "intent": "order",
-          "subject": {"reference": "Patient/p1"}, "identifier": [{"system": "urn:ehr", "value": "C-1"}]}
+    seed_client(httpx, auth(make_token(settings)), f"{live_server.url}/fhir/")
+    sr = order("C-1")
 
     def post(_):
         return httpx.post(f"{live_server.url}/fhir/ServiceRequest", json=sr, headers=headers, timeout=30).status_code

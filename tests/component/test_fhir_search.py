@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import auth, make_token
+from tests.fhir_examples import order, seed_client, task as task_of
 
 FHIR = "application/fhir+json"
 ECT = "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
+BS = "https://telerad-bridge.de/fhir/CodeSystem/task-business-status"
 
 
 @pytest.fixture
@@ -119,18 +121,15 @@ def test_dates_and_last_updated(client, h):
 
 
 def test_task_and_service_request_params(client, h):
-    sr = post(client, h, {"resourceType": "ServiceRequest", "status": "active", "intent": "order", "priority": "stat",
-                          "subject": {"reference": "Patient/p1"}, "authoredOn": "2026-11-01T10:00:00+01:00"})
-    task = post(client, h, {"resourceType": "Task", "status": "requested", "intent": "order",
-                            "basedOn": [{"reference": f"ServiceRequest/{sr}"}],
-                            "focus": {"reference": f"ServiceRequest/{sr}"},
-                            "businessStatus": {"coding": [{"system": "urn:bs", "code": "sent"}]}})
-    sub = post(client, h, {"resourceType": "Task", "status": "in-progress", "intent": "order",
-                           "partOf": [{"reference": f"Task/{task}"}]})
+    seed_client(client, h)
+    sr = post(client, h, order(priority="stat", authoredOn="2026-11-01T10:00:00+01:00"))
+    task = post(client, h, task_of(f"ServiceRequest/{sr}",
+                                   businessStatus={"coding": [{"system": BS, "code": "transfer-queued"}]}))
+    sub = post(client, h, task_of(f"ServiceRequest/{sr}", "in-progress", partOf=[{"reference": f"Task/{task}"}]))
     assert ids(search(client, h, "ServiceRequest?priority=stat&patient=Patient/p1")) == [sr]
     assert ids(search(client, h, "ServiceRequest?authored=2026-11-01")) == [sr]
     assert ids(search(client, h, f"Task?based-on=ServiceRequest/{sr}")) == [task]
-    assert ids(search(client, h, "Task?business-status=urn:bs|sent")) == [task]
+    assert ids(search(client, h, f"Task?business-status={BS}|transfer-queued")) == [task]
     assert ids(search(client, h, f"Task?part-of={task}")) == [sub]
     assert ids(search(client, h, "Task?status=requested,in-progress")) == sorted([task, sub])
     b = search(client, h, "Task?status=requested&_include=Task:based-on")
@@ -175,9 +174,12 @@ def test_tenant_isolation_in_search(client, settings, h, directory):
     b = auth(make_token(settings, tenant="site-b"))
     assert search(client, b, "Organization")["total"] == 0
     assert search(client, b, "HealthcareService?organization.name=klinikum")["total"] == 0
-    post(client, b, {"resourceType": "HealthcareService", "name": "B",
-                     "providedBy": {"reference": f"Organization/{directory['bremen']}"}})
+    # site-a's Organization does not exist for site-b: the reference does not resolve, nothing is stored
+    r = client.post("/fhir/HealthcareService", json={
+        "resourceType": "HealthcareService", "name": "B",
+        "providedBy": {"reference": f"Organization/{directory['bremen']}"}}, headers={**b, "Content-Type": FHIR})
+    assert r.status_code == 422 and r.json()["issue"][0]["expression"] == ["HealthcareService.providedBy"]
     bundle = search(client, b, "HealthcareService?_include=HealthcareService:organization")
-    assert ids(bundle, "include") == []
+    assert bundle["total"] == 0
     assert ids(search(client, h, f"Organization?_id={directory['bremen']}&_revinclude=HealthcareService:organization"),
                "include") == [directory["hs"]]

@@ -8,6 +8,8 @@ from fhirpy import SyncFHIRClient
 from fhirpy.base.exceptions import MultipleResourcesFound, OperationOutcome, ResourceNotFound
 
 from tests.conftest import make_token
+from tests.fhir_examples import order as make_order
+from tests.fhir_examples import seed_client, task as make_task
 
 
 @pytest.fixture
@@ -15,11 +17,12 @@ def fhir(live_server, settings):
     token = make_token(settings)
     client = SyncFHIRClient(f"{live_server.url}/fhir", authorization=f"Bearer {token}")
     client.token = token
+    seed_client(httpx, {"Authorization": f"Bearer {token}"}, f"{live_server.url}/fhir/")
     return client
 
 
 def test_order_directory_and_tasks(fhir, live_server):
-    org = fhir.resource("Organization", name="Klinikum Bremen-Mitte", address=[{"city": "Bremen"}])
+    org = fhir.resource("Organization", name="Klinikum Bremen-Nord", address=[{"city": "Bremen"}])
     org.save()
     assert org.id and org["meta"]["versionId"] == "1"
     ep = fhir.resource("Endpoint", status="active", address="mailto:tele@example.org",
@@ -32,14 +35,13 @@ def test_order_directory_and_tasks(fhir, live_server):
     hs.save()
 
     # find a recipient by the organisation's name, with its endpoint
-    found = fhir.resources("HealthcareService").search(**{"organization.name": "klinikum"}) \
+    found = fhir.resources("HealthcareService").search(**{"organization.name": "nord"}) \
         .include("HealthcareService", "endpoint").fetch_raw()
     types = sorted(e["resource"]["resourceType"] for e in found["entry"])
     assert types == ["Endpoint", "HealthcareService"]
 
     # order twice with the same business identifier: one resource (conditional create)
-    order = {"resourceType": "ServiceRequest", "status": "active", "intent": "order", "priority": "stat",
-             "subject": {"reference": "Patient/p1"}, "identifier": [{"system": "urn:ehr", "value": "O-1"}]}
+    order = make_order("O-1", priority="stat")
     first, created = fhir.resources("ServiceRequest").search(identifier="urn:ehr|O-1").get_or_create(
         fhir.resource("ServiceRequest", **order))
     again, created_again = fhir.resources("ServiceRequest").search(identifier="urn:ehr|O-1").get_or_create(
@@ -53,8 +55,7 @@ def test_order_directory_and_tasks(fhir, live_server):
 
     # tasks: page through, include the order
     for i in range(5):
-        fhir.resource("Task", status="requested", intent="order", basedOn=[first.to_reference()],
-                      identifier=[{"system": "urn:t", "value": str(i)}]).save()
+        fhir.resource("Task", **make_task(f"ServiceRequest/{first.id}", identifier=str(i))).save()
     tasks = fhir.resources("Task").search(status="requested").limit(2).fetch_all()
     assert len(tasks) == 5
     raw = fhir.resources("Task").search(identifier="urn:t|0").include("Task", "based-on").fetch_raw()
@@ -62,7 +63,7 @@ def test_order_directory_and_tasks(fhir, live_server):
 
     # conditional update, then a stale If-Match
     task, created = fhir.resources("Task").search(identifier="urn:t|0").update(
-        fhir.resource("Task", status="in-progress", intent="order", identifier=[{"system": "urn:t", "value": "0"}]))
+        fhir.resource("Task", **make_task(f"ServiceRequest/{first.id}", "in-progress", identifier="0")))
     assert not created and task["meta"]["versionId"] == "2"
     stale = {**task.serialize(), "status": "completed"}
     r = httpx.put(f"{live_server.url}/fhir/Task/{task.id}", json=stale,
@@ -93,11 +94,8 @@ def test_transaction_with_urn_uuid(fhir):
     sr_url = "urn:uuid:0d4e7a52-1111-4c4c-9a9a-000000000001"
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
         {"fullUrl": sr_url, "request": {"method": "POST", "url": "ServiceRequest"},
-         "resource": {"resourceType": "ServiceRequest", "status": "active", "intent": "order",
-                      "subject": {"reference": "Patient/p1"}}},
-        {"request": {"method": "POST", "url": "Task"},
-         "resource": {"resourceType": "Task", "status": "requested", "intent": "order",
-                      "basedOn": [{"reference": sr_url}]}},
+         "resource": make_order()},
+        {"request": {"method": "POST", "url": "Task"}, "resource": make_task(sr_url)},
     ]}
     out = fhir.execute("", method="post", data=bundle)
     assert out["type"] == "transaction-response"
