@@ -49,6 +49,7 @@ def _resource(rtype: str) -> dict:
         "searchInclude": refs,
         "searchRevInclude": revs,
         "searchParam": _search_params(rtype),
+        "operation": [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}],
     }
 
 
@@ -62,7 +63,7 @@ def capability_statement(base: str) -> dict:
         "software": {"name": "telerad-bridge", "version": __version__},
         "implementation": {"description": "telerad-bridge FHIR R4 server", "url": base},
         "fhirVersion": FHIR_VERSION,
-        "format": ["json", "application/fhir+json"],
+        "format": ["json", "xml", "application/fhir+json", "application/fhir+xml"],
         "rest": [{
             "mode": "server",
             "security": {
@@ -77,17 +78,19 @@ def capability_statement(base: str) -> dict:
 
 
 def smart_configuration(base: str) -> dict:
-    """SMART App Launch 2.0 discovery (``.well-known/smart-configuration``).
+    """SMART App Launch 2.0 discovery (``.well-known/smart-configuration``) for SMART Backend Services.
 
-    Tokens are issued offline by ``telerad token`` (no OAuth token endpoint yet, so no grant types yet).
+    ``base`` is the FHIR base URL; the token endpoint (``/auth/token``, client credentials grant) sits beside
+    it. Clients are registered with ``telerad client add``; ``telerad token`` still issues tokens offline.
     """
+    root = base[: -len("/fhir")] if base.endswith("/fhir") else base
     return {
         "issuer": "telerad-bridge",
-        "token_endpoint": f"{base}/token-not-available",
-        "token_endpoint_auth_methods_supported": [],
-        "grant_types_supported": [],
+        "token_endpoint": f"{root}/auth/token",
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic", "client_secret_post"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+        "grant_types_supported": ["client_credentials"],
         "scopes_supported": list(SCOPES),
-        "capabilities": ["permission-v2"],
+        "capabilities": ["client-confidential-asymmetric", "client-confidential-symmetric", "permission-v2"],
         "code_challenge_methods_supported": [],
-        "telerad_token_issuance": "tokens are issued by the `telerad token` command of the server's data folder",
     }

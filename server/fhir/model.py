@@ -53,3 +53,28 @@ def parse_resource(data: Any) -> dict:
     except (ValueError, TypeError) as exc:
         raise ServerError(ErrorKind.INVALID, "invalid resource", parameter=rtype) from exc
     return parsed.model_dump(mode="json", exclude_none=True, by_alias=True)
+
+
+def to_xml(resource: dict) -> bytes:
+    """The FHIR XML form of a resource (FHIR R4 2.6.1 XML); ``resource`` is valid JSON of a served type."""
+    model = get_fhir_model_class(resource["resourceType"])
+    return model.model_validate(resource).model_dump_xml()
+
+
+def from_xml(data: bytes) -> dict:
+    """The JSON form of a FHIR XML resource (FHIR R4 2.6.1); INVALID for malformed XML or an unknown type."""
+    from lxml import etree  # fhir.resources' XML support needs lxml
+
+    try:
+        root = etree.fromstring(data, parser=etree.XMLParser(resolve_entities=False, no_network=True))
+    except etree.XMLSyntaxError as exc:
+        raise ServerError(ErrorKind.INVALID, f"malformed XML: {exc}", parameter="Resource") from exc
+    rtype = etree.QName(root).localname
+    if etree.QName(root).namespace != "http://hl7.org/fhir" or rtype not in (*SUPPORTED_TYPES, "Bundle",
+                                                                              "Parameters"):
+        raise ServerError(ErrorKind.INVALID, f"unsupported XML root {root.tag!r}", parameter="Resource")
+    try:
+        parsed = get_fhir_model_class(rtype).model_validate_xml(data)
+    except (ValidationError, ValueError, TypeError, KeyError) as exc:
+        raise ServerError(ErrorKind.INVALID, "invalid XML resource", parameter=rtype) from exc
+    return parsed.model_dump(mode="json", exclude_none=True, by_alias=True)

@@ -14,12 +14,14 @@ from fastapi.responses import Response
 from server.errors import ErrorKind, ServerError
 from server.fhir.bundle import BundleProcessor
 from server.fhir.capability import capability_statement, smart_configuration
+from server.fhir.model import from_xml, to_xml
 from server.fhir.outcome import informational
 from server.fhir.service import FhirService, Result
 from server.security.http import principal_of
 from server.security.tokens import Principal
 
 FHIR_JSON = "application/fhir+json"
+FHIR_XML = "application/fhir+xml"
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 JSON_FORMATS = ("json", *JSON_TYPES)
 XML_TYPES = ("xml", "application/fhir+xml", "application/xml", "text/xml", "application/xml+fhir")
@@ -50,28 +52,35 @@ def base_url(request: Request) -> str:
     return f"{root}/fhir"
 
 
-def _negotiate(request: Request) -> None:
-    """NOT_ACCEPTABLE unless the client accepts JSON (``_format`` overrides ``Accept``; FHIR R4 2.1.0.6)."""
+def _negotiate(request: Request) -> str:
+    """"json" or "xml" (``_format`` overrides ``Accept``; FHIR R4 2.1.0.6); NOT_ACCEPTABLE for others."""
     fmt = request.query_params.get("_format")
     if fmt is not None:
-        if fmt.split(";")[0].strip() not in JSON_FORMATS:
-            raise ServerError(ErrorKind.NOT_ACCEPTABLE, f"_format {fmt!r} is not supported; use json",
-                              parameter="_format")
-        return
+        fmt = fmt.split(";")[0].strip().lower().replace(" ", "+")  # an unescaped '+' arrives as ' '
+        if fmt in JSON_FORMATS or fmt in XML_TYPES:
+            return "json" if fmt in JSON_FORMATS else "xml"
+        raise ServerError(ErrorKind.NOT_ACCEPTABLE, f"_format {fmt!r} is not supported; use json or xml",
+                          parameter="_format")
     accept = request.headers.get("accept", "")
     if not accept.strip():
-        return
-    types = [part.split(";")[0].strip().lower() for part in accept.split(",")]
-    if not any(t in JSON_TYPES or t in ANY for t in types):
-        raise ServerError(ErrorKind.NOT_ACCEPTABLE, "only application/fhir+json is produced", parameter="Accept")
+        return "json"
+    for t in (part.split(";")[0].strip().lower() for part in accept.split(",")):  # first acceptable wins
+        if t in JSON_TYPES or t in ANY:
+            return "json"
+        if t in XML_TYPES:
+            return "xml"
+    raise ServerError(ErrorKind.NOT_ACCEPTABLE, "only application/fhir+json and application/fhir+xml are "
+                      "produced", parameter="Accept")
 
 
 async def _body(request: Request) -> object:
-    """The JSON body of a create/update; 415 for other media types, 400 for malformed JSON."""
+    """The body of a create/update as JSON; 415 for other media types, 400 for malformed JSON or XML."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in XML_TYPES and ctype != "xml":
+        return await _run(from_xml, await request.body())
     if ctype not in JSON_TYPES:
         raise ServerError(ErrorKind.UNSUPPORTED, f"content type {ctype or 'missing'!r} is not supported; "
-                          f"use {FHIR_JSON}", parameter="Content-Type")
+                          f"use {FHIR_JSON} or {FHIR_XML}", parameter="Content-Type")
     raw = await request.body()
     try:
         return json.loads(raw)
@@ -93,14 +102,21 @@ def _json(body: dict, status: int = 200, headers: dict[str, str] | None = None) 
     return Response(data, status_code=status, media_type=FHIR_JSON, headers=headers)
 
 
-def _render(request: Request, result: Result) -> Response:
+async def _out(request: Request, body: dict, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """``body`` in the negotiated format: JSON, or XML (FHIR R4 2.6.1) rendered off the event loop."""
+    if _negotiate(request) == "xml":
+        return Response(await _run(to_xml, body), status_code=status, media_type=FHIR_XML, headers=headers)
+    return _json(body, status, headers)
+
+
+async def _render(request: Request, result: Result) -> Response:
     """A result, with the body ``Prefer: return=`` asks for (FHIR R4 3.1.0.8.2)."""
     wanted = _prefer(request).get("return", "representation")
     if result.resource is None or wanted == "minimal":
         return Response(status_code=result.status, headers=result.headers)
     if wanted == "operationoutcome":
-        return _json(informational(f"{request.method} done"), result.status, result.headers)
-    return _json(result.resource, result.status, result.headers)
+        return await _out(request, informational(f"{request.method} done"), result.status, result.headers)
+    return await _out(request, result.resource, result.status, result.headers)
 
 
 async def _run(fn, *args, **kwargs):
@@ -118,8 +134,7 @@ def _lenient(request: Request) -> bool:
 # ---- conformance -----------------------------------------------------------------------------------------
 @router.get("/metadata", description="CapabilityStatement (FHIR R4 3.1.0.13 capabilities); no token needed.")
 async def metadata(request: Request) -> Response:
-    _negotiate(request)
-    return _json(capability_statement(base_url(request)))
+    return await _out(request, capability_statement(base_url(request)))
 
 
 @router.get("/.well-known/smart-configuration", description="SMART App Launch 2.0 discovery.")
@@ -135,7 +150,7 @@ async def smart_root(request: Request) -> Response:
 @router.post("", description="batch or transaction Bundle (FHIR R4 3.1.0.11); a transaction is all or nothing.")
 async def batch_or_transaction(request: Request, principal: Caller, fhir: Service) -> Response:
     body = await _body(request)
-    return _json(await _run(BundleProcessor(fhir).process, principal, body, base=base_url(request)))
+    return await _out(request, await _run(BundleProcessor(fhir).process, principal, body, base=base_url(request)))
 
 
 # ---- type level ------------------------------------------------------------------------------------------
@@ -150,12 +165,52 @@ async def search_post(rtype: str, request: Request, principal: Caller, fhir: Ser
                           parameter="Content-Type")
     bundle = await _run(fhir.search, principal, rtype, _items(request) + form, base=base_url(request),
                         lenient=_lenient(request))
-    return _json(bundle)
+    return await _out(request, bundle)
+
+
+def _validate_input(body: object, rtype: str) -> tuple[object | None, str | None]:
+    """The resource and mode of a ``$validate`` request: a Parameters (``resource``, ``mode``; ``profile`` is
+    not supported) or the bare resource (operation-resource-validate.html)."""
+    if isinstance(body, dict) and body.get("resourceType") == "Parameters":
+        resource, mode = None, None
+        for p in body.get("parameter", []):
+            if p.get("name") == "resource":
+                resource = p.get("resource")
+            elif p.get("name") == "mode":
+                mode = p.get("valueCode") or p.get("valueString")
+            elif p.get("name") == "profile":
+                raise ServerError(ErrorKind.UNSUPPORTED, "$validate against a named profile is not supported; "
+                                  "the resource's meta.profile is used", parameter="Parameters.parameter")
+        return resource, mode
+    return body, None
+
+
+@router.post("/{rtype}/$validate", description="$validate on the type (FHIR R4 operation-resource-validate): "
+                                              "200 with an OperationOutcome listing every issue.")
+async def validate_type(rtype: str, request: Request, principal: Caller, fhir: Service) -> Response:
+    resource, mode = _validate_input(await _body(request), rtype)
+    mode = mode or request.query_params.get("mode")
+    return await _out(request, await _run(fhir.validate, principal, rtype, None, resource, mode))
+
+
+@router.post("/{rtype}/{rid}/$validate", description="$validate on an instance (mode update or delete).")
+async def validate_instance(rtype: str, rid: str, request: Request, principal: Caller, fhir: Service) -> Response:
+    resource, mode = _validate_input(await _body(request), rtype)
+    mode = mode or request.query_params.get("mode") or "update"
+    return await _out(request, await _run(fhir.validate, principal, rtype, rid, resource, mode))
+
+
+@router.get("/{rtype}/{rid}/$validate", description="$validate of the stored resource, or of its deletion "
+                                                   "with mode=delete.")
+async def validate_stored(rtype: str, rid: str, request: Request, principal: Caller, fhir: Service) -> Response:
+    mode = request.query_params.get("mode")
+    return await _out(request, await _run(fhir.validate, principal, rtype, rid, None, mode))
 
 
 @router.get("/{rtype}/_history", description="history-type (FHIR R4 3.1.0.11).")
 async def history_type(rtype: str, request: Request, principal: Caller, fhir: Service) -> Response:
-    return _json(await _run(fhir.history, principal, rtype, None, _items(request), base=base_url(request)))
+    bundle = await _run(fhir.history, principal, rtype, None, _items(request), base=base_url(request))
+    return await _out(request, bundle)
 
 
 @router.get("/{rtype}", description="search-type (FHIR R4 3.1.1); unknown parameters 400 unless "
@@ -163,7 +218,7 @@ async def history_type(rtype: str, request: Request, principal: Caller, fhir: Se
 async def search_get(rtype: str, request: Request, principal: Caller, fhir: Service) -> Response:
     bundle = await _run(fhir.search, principal, rtype, _items(request), base=base_url(request),
                         lenient=_lenient(request))
-    return _json(bundle)
+    return await _out(request, bundle)
 
 
 @router.post("/{rtype}", description="create, conditional with If-None-Exist or search parameters on the URL "
@@ -175,7 +230,7 @@ async def create(rtype: str, request: Request, principal: Caller, fhir: Service)
     if condition is None and criteria:  # search parameters on the URL act as If-None-Exist (fhirpy, Aidbox)
         condition = urlencode(criteria)
     result = await _run(fhir.create, principal, rtype, body, base=base_url(request), if_none_exist=condition)
-    return _render(request, result)
+    return await _render(request, result)
 
 
 @router.put("/{rtype}", description="conditional update (FHIR R4 3.1.0.4.3).")
@@ -184,13 +239,13 @@ async def conditional_update(rtype: str, request: Request, principal: Caller, fh
     criteria = [(k, v) for k, v in _items(request) if k not in ("_format", "_pretty")]
     result = await _run(fhir.conditional_update, principal, rtype, criteria, body, base=base_url(request),
                         if_match=request.headers.get("if-match"))
-    return _render(request, result)
+    return await _render(request, result)
 
 
 # ---- instance level --------------------------------------------------------------------------------------
 @router.get("/{rtype}/{rid}", description="read (FHIR R4 3.1.0.2); 410 when deleted.")
 async def read(rtype: str, rid: str, request: Request, principal: Caller, fhir: Service) -> Response:
-    return _render(request, await _run(fhir.read, principal, rtype, rid))
+    return await _render(request, await _run(fhir.read, principal, rtype, rid))
 
 
 @router.put("/{rtype}/{rid}", description="update or create with the client's id (FHIR R4 3.1.0.4); If-Match.")
@@ -198,19 +253,20 @@ async def update(rtype: str, rid: str, request: Request, principal: Caller, fhir
     body = await _body(request)
     result = await _run(fhir.update, principal, rtype, rid, body, base=base_url(request),
                         if_match=request.headers.get("if-match"))
-    return _render(request, result)
+    return await _render(request, result)
 
 
 @router.delete("/{rtype}/{rid}", description="delete (FHIR R4 3.1.0.7).")
 async def delete(rtype: str, rid: str, request: Request, principal: Caller, fhir: Service) -> Response:
-    return _render(request, await _run(fhir.delete, principal, rtype, rid))
+    return await _render(request, await _run(fhir.delete, principal, rtype, rid))
 
 
 @router.get("/{rtype}/{rid}/_history", description="history-instance (FHIR R4 3.1.0.11).")
 async def history_instance(rtype: str, rid: str, request: Request, principal: Caller, fhir: Service) -> Response:
-    return _json(await _run(fhir.history, principal, rtype, rid, _items(request), base=base_url(request)))
+    bundle = await _run(fhir.history, principal, rtype, rid, _items(request), base=base_url(request))
+    return await _out(request, bundle)
 
 
 @router.get("/{rtype}/{rid}/_history/{vid}", description="vread (FHIR R4 3.1.0.3).")
 async def vread(rtype: str, rid: str, vid: str, request: Request, principal: Caller, fhir: Service) -> Response:
-    return _render(request, await _run(fhir.vread, principal, rtype, rid, vid))
+    return await _render(request, await _run(fhir.vread, principal, rtype, rid, vid))

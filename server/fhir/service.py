@@ -23,8 +23,8 @@ from urllib.parse import parse_qsl, urlencode
 from server.errors import ErrorKind, ServerError
 from server.fhir import params as P
 from server.fhir.model import READ_ONLY_TYPES, SUPPORTED_TYPES, parse_resource
-from server.fhir.outcome import Gone, MethodNotAllowed, PreconditionFailed, Unprocessable
-from server.fhir.validation import literal_references, unresolved
+from server.fhir.outcome import Gone, MethodNotAllowed, PreconditionFailed, Unprocessable, informational
+from server.fhir.validation import check_mode, literal_references, outcome_of, unresolved
 from server.security.tokens import Access, Principal
 from server.store.fhir import FhirStore, FhirTx, Stored
 
@@ -161,6 +161,12 @@ class FhirService:
         Targets created later in the same transaction (``tx.planned``, set by the Bundle processor) count as
         resolved; the transaction fails as a whole if they are not created (FHIR R4 3.1.0.11.2).
         """
+        issues = self._reference_issues(tx, tenant, resource)
+        if issues:
+            raise Unprocessable(issues)
+
+    def _reference_issues(self, tx: FhirTx, tenant: str, resource: dict) -> list[dict]:
+        """The OperationOutcome issues of the references of ``resource`` that do not resolve."""
         planned = getattr(tx, "planned", frozenset())
         wanted: dict[str, dict[str, list[str]]] = {}
         issues = []
@@ -178,8 +184,7 @@ class FhirService:
             for rid, expressions in by_id.items():
                 if rid not in found:
                     issues += [unresolved(e, f"{rtype}/{rid} does not exist") for e in expressions]
-        if issues:
-            raise Unprocessable(issues)
+        return issues
 
     @staticmethod
     def parse_body(rtype: str, body: object) -> dict:
@@ -341,6 +346,40 @@ class FhirService:
         tx.delete(rtype, rid, old.version_id + 1, now)
         self._notify(tx, principal, "delete", Stored(rtype, rid, old.version_id + 1, now, True, None, "DELETE"), old)
         return Result(204, None, {"ETag": etag(old.version_id + 1)})
+
+    def validate(self, principal: Principal, rtype: str, rid: str | None, body: object | None,
+                 mode: str | None) -> dict:
+        """``$validate`` (FHIR R4 operation-resource-validate): the OperationOutcome of ``body`` (or of the stored
+        resource when ``body`` is None) against structure, profiles, bindings, references and, for mode
+        create/update, the Task state machine; mode delete checks the resource exists. Nothing is stored."""
+        self.check_type(rtype)
+        check_mode(mode)
+        self.authorize(principal, rtype, {"create": Access.CREATE, "update": Access.UPDATE,
+                                          "delete": Access.DELETE}.get(mode or "", Access.READ))
+        with self.store.transaction(principal.tenant, write=False) as tx:
+            old = self._live(tx.current(rtype, rid), rtype, rid).resource() if rid else None
+            if mode == "delete":
+                if old is None:
+                    raise ServerError(ErrorKind.INVALID, "mode delete needs an instance", parameter="mode")
+                return informational(f"{rtype}/{rid} can be deleted")
+            if body is None:
+                if old is None:
+                    raise ServerError(ErrorKind.INVALID, "$validate needs a resource", parameter="resource")
+                body = old
+            try:
+                resource = self.parse_body(rtype, body)
+            except ServerError as exc:
+                return {"resourceType": "OperationOutcome", "issue": [
+                    {"severity": "error", "code": "structure", "diagnostics": exc.message,
+                     "expression": [exc.parameter or rtype]}]}
+            if rid is not None and resource.get("id", rid) != rid:
+                raise ServerError(ErrorKind.INVALID, "the resource id must match the URL", parameter=f"{rtype}.id")
+            outcome = outcome_of(resource, old, mode)
+            refs = self._reference_issues(tx, principal.tenant, resource)
+        if refs:
+            issues = [i for i in outcome["issue"] if i["severity"] != "information"] + refs
+            outcome = {"resourceType": "OperationOutcome", "issue": issues}
+        return outcome
 
     def history(self, principal: Principal, rtype: str, rid: str | None, items: list[tuple[str, str]], *,
                 base: str) -> dict:
