@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 
@@ -22,12 +24,14 @@ from server.dicomweb.wado import WadoService
 from server.errors import ErrorKind, ServerError
 from server.fhir import outcome as fhir_outcome
 from server.fhir import routes as fhir_routes
+from server.fhir.delivery import DeliveryWorker
 from server.fhir.setup import build_service as build_fhir_service
 from server.security.tokens import load_or_create_key
 from server.store.archive import Archive
 from server.store.blobs import BlobStore
 from server.store.db import make_engine
 from server.store.migrate import upgrade
+from server.store.subscriptions import DeliveryQueue
 
 log = logging.getLogger("server")
 
@@ -49,6 +53,17 @@ def prepare(settings: Settings) -> None:
     load_or_create_key(settings.data_dir)
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Background work of one server process: the FHIR Subscription delivery worker (one per worker process)."""
+    settings: Settings = app.state.settings
+    async with anyio.create_task_group() as tg:
+        if settings.subscription_worker:
+            tg.start_soon(DeliveryWorker(settings, app.state.fhir, DeliveryQueue(app.state.engine)).run)
+        yield
+        tg.cancel_scope.cancel()
+
+
 def worker_app() -> FastAPI:
     """The app of one worker process of ``telerad serve --workers N`` (settings from ``TELERAD_*``)."""
     return create_app(Settings(), prepared=True)
@@ -62,7 +77,7 @@ def create_app(settings: Settings, *, prepared: bool = False) -> FastAPI:
     blobs = BlobStore(settings.data_dir, fsync=settings.fsync)
     archive = Archive(engine)
 
-    app = FastAPI(title="telerad-bridge", version=__version__, description=DESCRIPTION)
+    app = FastAPI(title="telerad-bridge", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine
     app.state.archive = archive

@@ -8,6 +8,7 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine
 
 from server.config import Settings
+from server.fhir.subscription import activate as activate_subscription
 from server.fhir.delivery import SubscriptionListener
 from server.fhir.validation import check_content
 from server.fhir.service import FhirService, Listener, Projection, Validator
@@ -16,7 +17,7 @@ from server.store.fhir import FhirStore
 
 def validators(settings: Settings) -> dict[str, Validator]:
     """Content rules run on create and update, by resource type ("*" for all)."""
-    return {"*": check_content}
+    return {"*": check_content, "Subscription": activate_subscription}
 
 
 def listeners(settings: Settings, engine: Engine) -> list[Listener]:
