@@ -32,6 +32,7 @@ class Settings(BaseSettings):
         default=None, description="Base URL used in RetrieveURL/BulkDataURI; default from the request"
     )
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.REJECT
+    fhir_audit: bool = Field(default=True, description="write an AuditEvent with every FHIR create/update/delete")
     max_stow_bytes: int = Field(default=64 * 1024**3, description="Largest accepted STOW-RS request body")
     max_part_bytes: int = Field(default=16 * 1024**3, description="Largest accepted DICOM part")
     qido_max_limit: int = Field(default=1000, description="Largest QIDO page; bigger limits are cut")

@@ -5,6 +5,7 @@ R4B element names and cardinalities are those of R4 (4.0.1) for every resource t
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -53,6 +54,26 @@ def parse_resource(data: Any) -> dict:
     except (ValueError, TypeError) as exc:
         raise ServerError(ErrorKind.INVALID, "invalid resource", parameter=rtype) from exc
     return parsed.model_dump(mode="json", exclude_none=True, by_alias=True)
+
+
+#: Elements every subset keeps (FHIR R4 3.1.1.5.8: id, meta and the mandatory elements).
+ALWAYS_KEPT = frozenset({"resourceType", "id", "meta", "implicitRules"})
+
+
+@functools.lru_cache(maxsize=64)
+def summary_elements(resource_type: str) -> frozenset[str]:
+    """The JSON names of the elements marked isSummary in the R4 definition of the type (_summary=true)."""
+    model = get_fhir_model_class(resource_type)
+    return frozenset(f.alias or name for name, f in model.model_fields.items()
+                     if (f.json_schema_extra or {}).get("summary_element_property")) | ALWAYS_KEPT
+
+
+@functools.lru_cache(maxsize=64)
+def required_elements(resource_type: str) -> frozenset[str]:
+    """The JSON names of the mandatory (min 1) top-level elements of the type."""
+    model = get_fhir_model_class(resource_type)
+    return frozenset(f.alias or name for name, f in model.model_fields.items()
+                     if f.is_required() or (f.json_schema_extra or {}).get("element_required"))
 
 
 def to_xml(resource: dict) -> bytes:

@@ -58,6 +58,8 @@ PARAMS: dict[str, dict[str, Param]] = {
         "service-type": _p(TOKEN, "type"), "specialty": _p(TOKEN, "specialty"),
         "service-category": _p(TOKEN, "category"),
         "endpoint": _p(REFERENCE, "endpoint", targets=("Endpoint",)),
+        "program": _p(TOKEN, "program"),
+        "network": _p(STRING, "program"),  # ours: the teleradiology network(s) a service takes part in, by name
     },
     "Endpoint": {
         "name": _p(STRING, "name"), "identifier": _ID, "connection-type": _p(TOKEN, "connectionType"),
@@ -159,6 +161,10 @@ def _strings(node: Any) -> Iterator[str]:
             for item in value if isinstance(value, list) else [value]:
                 if isinstance(item, str):
                     yield item
+        codings = node.get("coding")
+        for coding in codings if isinstance(codings, list) else []:  # a CodeableConcept's displays
+            if isinstance(coding, dict) and isinstance(coding.get("display"), str):
+                yield coding["display"]
 
 
 def _tokens(node: Any) -> Iterator[tuple[str | None, str]]:
@@ -348,6 +354,8 @@ class Query:
     includes: list[Include] = field(default_factory=list)
     revincludes: list[Include] = field(default_factory=list)
     summary_count: bool = False
+    summary: str | None = None  # true, text or data (FHIR R4 3.1.1.5.8 _summary)
+    elements: tuple[str, ...] = ()  # _elements (3.1.1.5.9)
     ignored: list[str] = field(default_factory=list)
 
 
@@ -394,8 +402,12 @@ def _result_param(query: Query, name: str, value: str) -> None:
     elif name == "_summary":
         if value == "count":
             query.summary_count = True
+        elif value in ("true", "text", "data"):
+            query.summary = value
         elif value != "false":
             raise ServerError(ErrorKind.INVALID, f"_summary={value} is not supported", parameter=name)
+    elif name == "_elements":
+        query.elements = tuple(e.strip() for e in value.split(",") if e.strip())
     elif name == "_sort":
         for key in value.split(","):
             desc = key.startswith("-")

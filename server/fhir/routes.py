@@ -16,7 +16,8 @@ from server.fhir.bundle import BundleProcessor
 from server.fhir.capability import capability_statement, smart_configuration
 from server.fhir.model import from_xml, to_xml
 from server.fhir.outcome import informational
-from server.fhir.service import FhirService, Result
+from server.fhir import params as P
+from server.fhir.service import FhirService, Result, subset
 from server.security.http import principal_of
 from server.security.tokens import Principal
 
@@ -245,7 +246,13 @@ async def conditional_update(rtype: str, request: Request, principal: Caller, fh
 # ---- instance level --------------------------------------------------------------------------------------
 @router.get("/{rtype}/{rid}", description="read (FHIR R4 3.1.0.2); 410 when deleted.")
 async def read(rtype: str, rid: str, request: Request, principal: Caller, fhir: Service) -> Response:
-    return await _render(request, await _run(fhir.read, principal, rtype, rid))
+    result = await _run(fhir.read, principal, rtype, rid)
+    summary, elements = request.query_params.get("_summary"), request.query_params.get("_elements")
+    if result.resource is not None and (summary or elements):
+        query = P.parse_query(rtype, [(k, v) for k, v in (("_summary", summary), ("_elements", elements)) if v],
+                              lenient=False)
+        result = Result(result.status, subset(result.resource, query.summary, query.elements), result.headers)
+    return await _render(request, result)
 
 
 @router.put("/{rtype}/{rid}", description="update or create with the client's id (FHIR R4 3.1.0.4); If-Match.")

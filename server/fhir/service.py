@@ -22,7 +22,8 @@ from urllib.parse import parse_qsl, urlencode
 
 from server.errors import ErrorKind, ServerError
 from server.fhir import params as P
-from server.fhir.model import READ_ONLY_TYPES, SUPPORTED_TYPES, parse_resource
+from server.fhir.model import (ALWAYS_KEPT, READ_ONLY_TYPES, SUPPORTED_TYPES, parse_resource, required_elements,
+                               summary_elements)
 from server.fhir.outcome import Gone, MethodNotAllowed, PreconditionFailed, Unprocessable, informational
 from server.fhir.validation import check_mode, literal_references, outcome_of, unresolved
 from server.security.tokens import Access, Principal
@@ -422,7 +423,7 @@ class FhirService:
         projection = self.projections.get(rtype)
         total, page = projection.search(principal.tenant, query) if projection else tx.search(query)
         included = self._included(tx, principal, query, page)
-        entries = [_entry(s, base, "match") for s in page] + [_entry(s, base, "include") for s in included]
+        entries = [_entry(s, base, "match", query) for s in page] + [_entry(s, base, "include") for s in included]
         bundle = _bundle("searchset", total, entries)
         if not query.summary_count:
             kept = [(k, v) for k, v in items if k not in query.ignored]
@@ -452,6 +453,30 @@ class FhirService:
         return unique
 
 
+SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+
+
+def subset(resource: dict, summary: str | None, elements: tuple[str, ...]) -> dict:
+    """``resource`` cut to ``_summary`` (true, text, data) or ``_elements`` and tagged SUBSETTED
+    (FHIR R4 3.1.1.5.8, 3.1.1.5.9); unchanged without either."""
+    rtype = resource.get("resourceType", "")
+    if summary == "data":
+        keep = set(resource) - {"text"}
+    elif summary == "text":
+        keep = {"text"} | ALWAYS_KEPT | required_elements(rtype)
+    elif summary == "true":
+        keep = set(summary_elements(rtype))
+    elif elements:
+        keep = {e.split(".")[0] for e in elements} | ALWAYS_KEPT | required_elements(rtype)
+    else:
+        return resource
+    out = {k: v for k, v in resource.items() if k in keep}
+    meta = dict(out.get("meta") or {})
+    meta["tag"] = [*meta.get("tag", []), SUBSETTED]
+    out["meta"] = meta
+    return out
+
+
 def _bundle(kind: str, total: int, entries: list[dict]) -> dict:
     bundle: dict = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": kind, "total": total}
     if entries:
@@ -459,8 +484,11 @@ def _bundle(kind: str, total: int, entries: list[dict]) -> dict:
     return bundle
 
 
-def _entry(s: Stored, base: str, mode: str) -> dict:
-    return {"fullUrl": f"{base}/{s.resource_type}/{s.resource_id}", "resource": s.resource(),
+def _entry(s: Stored, base: str, mode: str, query: P.Query | None = None) -> dict:
+    resource = s.resource()
+    if query is not None and (query.summary or query.elements):
+        resource = subset(resource, query.summary, query.elements)
+    return {"fullUrl": f"{base}/{s.resource_type}/{s.resource_id}", "resource": resource,
             "search": {"mode": mode}}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine
 
 from server.config import Settings
+from server.fhir.audit import record as record_audit
 from server.fhir.subscription import activate as activate_subscription
 from server.fhir.delivery import SubscriptionListener
 from server.fhir.validation import check_content
@@ -22,7 +23,8 @@ def validators(settings: Settings) -> dict[str, Validator]:
 
 def listeners(settings: Settings, engine: Engine) -> list[Listener]:
     """Work done in the write transaction of every change (Subscription matching: FHIR R4 subscription.html)."""
-    return [SubscriptionListener()]
+    audit = [record_audit] if settings.fhir_audit else []
+    return [*audit, SubscriptionListener()]
 
 
 def projections(settings: Settings, engine: Engine) -> dict[str, Projection]:

@@ -108,7 +108,8 @@ def test_conditional_update(client, h):
 
 @pytest.mark.parametrize("content, ctype, status", [
     (b"{bad json", FHIR, 400),
-    (b"<Patient xmlns='http://hl7.org/fhir'/>", "application/fhir+xml", 415),
+    (b"<Patient xmlns='http://hl7.org/fhir'><gender value='x'", "application/fhir+xml", 400),
+    (b"PatientID,Name", "text/csv", 415),
     (b'{"resourceType":"Patient"}', "text/plain", 415),
     (b'{"resourceType":"Organization"}', FHIR, 400),
     (b'{"resourceType":"Patient","gender":3}', FHIR, 400),
@@ -135,8 +136,9 @@ def test_update_id_mismatch_and_unknown_type(client, h):
 
 
 def test_formats(client, h):
-    assert client.get("/fhir/Patient?_format=xml", headers=h).status_code == 406
-    assert client.get("/fhir/Patient", headers={**h, "Accept": "application/fhir+xml"}).status_code == 406
+    assert client.get("/fhir/Patient?_format=ttl", headers=h).status_code == 406
+    assert client.get("/fhir/Patient", headers={**h, "Accept": "text/turtle"}).status_code == 406
+    assert client.get("/fhir/Patient?_format=xml", headers=h).headers["content-type"].startswith("application/fhir+xml")
     assert client.get("/fhir/Patient?_format=json", headers=h).status_code == 200
 
 

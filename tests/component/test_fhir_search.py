@@ -125,17 +125,18 @@ def test_task_and_service_request_params(client, h):
     sr = post(client, h, order(priority="stat", authoredOn="2026-11-01T10:00:00+01:00"))
     task = post(client, h, task_of(f"ServiceRequest/{sr}",
                                    businessStatus={"coding": [{"system": BS, "code": "transfer-queued"}]}))
-    sub = post(client, h, task_of(f"ServiceRequest/{sr}", "in-progress", partOf=[{"reference": f"Task/{task}"}]))
+    sub = post(client, h, task_of(f"ServiceRequest/{sr}", "ready", partOf=[{"reference": f"Task/{task}"}]))
     assert ids(search(client, h, "ServiceRequest?priority=stat&patient=Patient/p1")) == [sr]
     assert ids(search(client, h, "ServiceRequest?authored=2026-11-01")) == [sr]
-    assert ids(search(client, h, f"Task?based-on=ServiceRequest/{sr}")) == [task]
+    assert ids(search(client, h, f"Task?based-on=ServiceRequest/{sr}")) == sorted([task, sub])
+    assert ids(search(client, h, "Task?part-of:missing=true")) == [task]
     assert ids(search(client, h, f"Task?business-status={BS}|transfer-queued")) == [task]
     assert ids(search(client, h, f"Task?part-of={task}")) == [sub]
-    assert ids(search(client, h, "Task?status=requested,in-progress")) == sorted([task, sub])
+    assert ids(search(client, h, "Task?status=requested,ready")) == sorted([task, sub])
     b = search(client, h, "Task?status=requested&_include=Task:based-on")
     assert ids(b, "include") == [sr]
     b = search(client, h, f"ServiceRequest?_id={sr}&_revinclude=Task:based-on")
-    assert ids(b, "include") == [task]
+    assert ids(b, "include") == sorted([task, sub])
 
 
 def test_paging_sort_and_summary(client, h):

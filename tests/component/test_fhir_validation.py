@@ -157,3 +157,22 @@ def test_read_only_types(client, h, rtype):
         {"request": {"method": "POST", "url": rtype}, "resource": {"resourceType": rtype}}]}
     assert client.post("/fhir", json=bundle, headers=h).status_code in (400, 405)
     assert client.get(f"/fhir/{rtype}", headers=h).status_code == 200
+
+
+def test_every_change_is_audited(client, settings, h):
+    before = _count(client, h, "AuditEvent")
+    sr = _created(client, h, order())
+    assert client.put(f"/fhir/ServiceRequest/{sr['id']}", json={**sr, "priority": "urgent"}, headers=h).status_code == 200
+    assert client.delete(f"/fhir/ServiceRequest/{sr['id']}", headers=h).status_code == 204
+    assert client.post("/fhir/ServiceRequest", json={**order(), "priority": "x"}, headers=h).status_code == 422
+    events = client.get(f"/fhir/AuditEvent?entity=ServiceRequest/{sr['id']}&_sort=date", headers=h).json()
+    assert [e["resource"]["action"] for e in events["entry"]] == ["C", "U", "D"]
+    assert _count(client, h, "AuditEvent") == before + 3  # the refused create left no trace but its 422
+    first = events["entry"][0]["resource"]
+    assert first["subtype"][0]["code"] == "create" and first["agent"][0]["requestor"] is True
+    assert first["entity"][0]["what"]["reference"] == f"ServiceRequest/{sr['id']}/_history/1"
+    assert client.get("/fhir/AuditEvent?action=D", headers=h).json()["total"] == 1
+    other = auth(make_token(settings, tenant="site-b"))
+    assert client.get("/fhir/AuditEvent", headers=other).json()["total"] == 0
+    ro = auth(make_token(settings, scope="system/ServiceRequest.rs"))
+    assert client.get("/fhir/AuditEvent", headers=ro).status_code == 403
