@@ -9,6 +9,7 @@ from __future__ import annotations
 from server import __version__
 from server.fhir.model import READ_ONLY_TYPES, SUPPORTED_TYPES
 from server.fhir.params import COMMON, PARAMS
+from server.fhir.profiles import known_profiles
 
 FHIR_VERSION = "4.0.1"
 INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create",
@@ -36,8 +37,11 @@ def _resource(rtype: str) -> dict:
     refs = sorted(f"{rtype}:{name}" for name, p in PARAMS.get(rtype, {}).items() if p.type == "reference")
     revs = sorted(f"{src}:{name}" for src, table in PARAMS.items() for name, p in table.items()
                   if p.type == "reference" and (not p.targets or rtype in p.targets))
+    profiles = sorted(url for url, sd in known_profiles().items()
+                      if sd.get("type") == rtype and sd.get("derivation") == "constraint")
     return {
         "type": rtype,
+        **({"supportedProfile": profiles} if profiles else {}),
         "interaction": [{"code": code} for code in _interactions(rtype)],
         "versioning": "versioned-update" if writable else "versioned",
         "readHistory": rtype != "ImagingStudy",
