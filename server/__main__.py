@@ -1,4 +1,4 @@
-"""The ``telerad`` command line: serve, token, openapi."""
+"""The ``telerad`` command line: serve, token, client, openapi."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from server.config import load_settings
-from server.errors import ServerError
+from server.errors import ErrorKind, ServerError
 
 DEFAULT_READ_WRITE = "system/*.cruds"
 
@@ -42,6 +42,70 @@ def _token(args: argparse.Namespace) -> int:
     key = load_or_create_key(settings.data_dir)
     ttl = args.ttl if args.ttl is not None else settings.token_ttl_seconds
     print(issue(key, tenant=args.tenant, scope=args.scope, subject=args.subject, ttl_seconds=ttl))
+    return 0
+
+
+def _client_store(args: argparse.Namespace):
+    """The client registry of the data folder's database (migrated first, so it works before ``serve``)."""
+    from server.store.clients import ClientStore
+    from server.store.db import make_engine
+    from server.store.migrate import upgrade
+
+    settings = load_settings(data_dir=args.data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url)
+    upgrade(engine)
+    return ClientStore(engine)
+
+
+def _client_add(args: argparse.Namespace) -> int:
+    from server.security.oauth import (RegisteredClient, hash_secret, new_client_id, new_secret, parse_jwks,
+                                       validate_client_id, validate_registration)
+
+    tenant, scope = validate_registration(args.tenant, args.scope)
+    client_id = validate_client_id(args.client_id) if args.client_id else new_client_id()
+    secret = jwks = None
+    if args.jwks_file is not None:
+        try:
+            text = args.jwks_file.read_text()
+        except OSError as exc:
+            raise ServerError(ErrorKind.INVALID, f"cannot read {args.jwks_file}: {exc.strerror}") from exc
+        jwks = parse_jwks(text)
+    else:
+        secret = new_secret()
+    store = _client_store(args)
+    try:
+        store.add(RegisteredClient(client_id=client_id, tenant=tenant, scope=scope,
+                                   secret_hash=hash_secret(secret) if secret else None, jwks=jwks))
+    finally:
+        store.engine.dispose()
+    print(f"client_id: {client_id}")
+    if secret:
+        print(f"client_secret: {secret}")
+        print("(the secret is shown once; only its hash is stored)", file=sys.stderr)
+    return 0
+
+
+def _client_list(args: argparse.Namespace) -> int:
+    store = _client_store(args)
+    try:
+        clients = store.list(args.tenant)
+    finally:
+        store.engine.dispose()
+    for c in clients:
+        print(f"{c.client_id}\t{c.tenant}\t{c.auth_method}\t{c.created}\t{c.scope}")
+    return 0
+
+
+def _client_remove(args: argparse.Namespace) -> int:
+    store = _client_store(args)
+    try:
+        removed = store.remove(args.client_id)
+    finally:
+        store.engine.dispose()
+    if not removed:
+        raise ServerError(ErrorKind.NOT_FOUND, f"no client {args.client_id!r}")
+    print(f"removed {args.client_id}")
     return 0
 
 
@@ -80,6 +144,28 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--subject", default="admin")
     token.add_argument("--ttl", type=int, default=None, help="lifetime in seconds")
     token.set_defaults(func=_token)
+    client = sub.add_parser("client", help="register OAuth clients of the token endpoint /auth/token")
+    client_sub = client.add_subparsers(dest="client_command", required=True)
+    add = client_sub.add_parser("add", help="register a client (SMART Backend Services, client_credentials)")
+    add.add_argument("--data-dir", type=Path, default=None)
+    add.add_argument("--tenant", required=True, help="the tenant every token of this client acts for")
+    add.add_argument("--scope", required=True,
+                     help='space separated SMART v2 system scopes the client may request, e.g. "system/*.rs"')
+    cred = add.add_mutually_exclusive_group(required=True)
+    cred.add_argument("--jwks-file", type=Path, default=None,
+                      help="JWK Set (or one JWK) of the client's public RS384/ES384 keys (private_key_jwt)")
+    cred.add_argument("--secret", action="store_true",
+                      help="generate a client secret (printed once; client_secret_basic/client_secret_post)")
+    add.add_argument("--client-id", default=None, help="the client id (default: random)")
+    add.set_defaults(func=_client_add)
+    lst = client_sub.add_parser("list", help="list the registered clients (id, tenant, method, created, scopes)")
+    lst.add_argument("--data-dir", type=Path, default=None)
+    lst.add_argument("--tenant", default=None)
+    lst.set_defaults(func=_client_list)
+    rm = client_sub.add_parser("remove", help="remove a client (its tokens stay valid until they expire)")
+    rm.add_argument("client_id")
+    rm.add_argument("--data-dir", type=Path, default=None)
+    rm.set_defaults(func=_client_remove)
     openapi = sub.add_parser("openapi", help="write the OpenAPI document")
     openapi.add_argument("--output", default="openapi/openapi.json")
     openapi.set_defaults(func=_openapi)

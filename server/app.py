@@ -26,6 +26,7 @@ from server.fhir import outcome as fhir_outcome
 from server.fhir import routes as fhir_routes
 from server.fhir.delivery import DeliveryWorker
 from server.fhir.setup import build_service as build_fhir_service
+from server.security import token_routes
 from server.security.tokens import load_or_create_key
 from server.store.archive import Archive
 from server.store.blobs import BlobStore
@@ -89,6 +90,7 @@ def create_app(settings: Settings, *, prepared: bool = False) -> FastAPI:
     app.include_router(dicomweb_routes.router)
     app.include_router(fhir_routes.router)
     app.include_router(fhir_routes.well_known)
+    app.include_router(token_routes.router)
 
     @app.get("/healthz", tags=["Operations"], description="Liveness: 200 when the index answers.")
     async def healthz() -> dict:

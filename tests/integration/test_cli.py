@@ -86,3 +86,80 @@ def test_serve_with_workers_stores_concurrently(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def test_client_add_list_remove(tmp_path):
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from server.security.oauth import jwk_of
+
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELERAD_")}
+    out = _telerad("client", "add", "--data-dir", str(data), "--tenant", "site-a", "--scope",
+                   "system/*.rs system/Task.cu", "--secret", env=env).stdout
+    fields = dict(line.split(": ", 1) for line in out.splitlines())
+    secret_id, secret = fields["client_id"], fields["client_secret"]
+    assert len(secret) >= 43
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [jwk_of(ec.generate_private_key(ec.SECP384R1()).public_key(), kid="k")]}))
+    out = _telerad("client", "add", "--data-dir", str(data), "--tenant", "site-b", "--scope", "system/*.rs",
+                   "--jwks-file", str(jwks), "--client-id", "pacs-b", env=env).stdout
+    assert out.splitlines() == ["client_id: pacs-b"]
+    listing = _telerad("client", "list", "--data-dir", str(data), env=env).stdout.splitlines()
+    rows = {line.split("\t")[0]: line.split("\t") for line in listing}
+    assert rows[secret_id][1:3] == ["site-a", "client_secret"] and rows[secret_id][4] == "system/*.rs system/Task.cu"
+    assert rows["pacs-b"][1:3] == ["site-b", "private_key_jwt"]
+    assert secret not in "\n".join(listing)
+    only_b = _telerad("client", "list", "--data-dir", str(data), "--tenant", "site-b", env=env).stdout
+    assert [line.split("\t")[0] for line in only_b.splitlines()] == ["pacs-b"]
+    assert _telerad("client", "remove", secret_id, "--data-dir", str(data), env=env).stdout.strip() \
+        == f"removed {secret_id}"
+    listing = _telerad("client", "list", "--data-dir", str(data), env=env).stdout
+    assert secret_id not in listing and "pacs-b" in listing
+
+
+def test_client_add_refuses_bad_input(tmp_path):
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELERAD_")}
+
+    def fail(*args: str) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, "-m", "server", "client", *args], capture_output=True, text=True, env=env)
+        assert r.returncode == 2, r
+        return r
+
+    base = ["add", "--data-dir", str(data), "--tenant", "site-a"]
+    assert "invalid tenant" in fail("add", "--data-dir", str(data), "--tenant", "../x", "--scope", "system/*.rs",
+                                    "--secret").stderr
+    assert "system/ scopes only" in fail(*base, "--scope", "user/*.rs", "--secret").stderr
+    fail(*base, "--scope", "system/*.rs")  # neither --secret nor --jwks-file (argparse)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"keys": [{"kty": "oct", "k": "AAAA"}]}')
+    assert "kty" in fail(*base, "--scope", "system/*.rs", "--jwks-file", str(bad)).stderr
+    assert "cannot read" in fail(*base, "--scope", "system/*.rs", "--jwks-file", str(tmp_path / "none")).stderr
+    _telerad("client", *base, "--scope", "system/*.rs", "--secret", "--client-id", "dup", env=env)
+    assert "exists" in fail(*base, "--scope", "system/*.rs", "--secret", "--client-id", "dup").stderr
+    assert "no client" in fail("remove", "nobody", "--data-dir", str(data)).stderr
+
+
+def test_client_secret_token_from_a_served_process(tmp_path):
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELERAD_")}
+    out = _telerad("client", "add", "--data-dir", str(data), "--tenant", "site-a", "--scope", "system/*.rs",
+                   "--secret", env=env).stdout
+    fields = dict(line.split(": ", 1) for line in out.splitlines())
+    proc, base, env = _start(data)
+    try:
+        smart = httpx.get(f"{base}/.well-known/smart-configuration").json()
+        assert smart["token_endpoint"] == f"{base}/auth/token"
+        r = httpx.post(smart["token_endpoint"], data={"grant_type": "client_credentials", "scope": "system/*.cruds"},
+                       auth=(fields["client_id"], fields["client_secret"]))
+        assert r.status_code == 200, r.text
+        assert r.json()["scope"] == "system/*.rs"
+        headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        assert httpx.get(f"{base}/dicomweb/studies", headers=headers).status_code == 204
+        assert httpx.get(f"{base}/fhir/Task", headers=headers).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -5,6 +5,7 @@ from sqlmodel import SQLModel
 
 from server.store import models  # noqa: F401  (registers the tables)
 from server.store import fhir_models  # noqa: F401  (registers the FHIR tables)
+from server.store import client_models  # noqa: F401  (registers the OAuth client tables)
 from server.store import subscription_models  # noqa: F401  (registers the Subscription tables)
 
 target_metadata = SQLModel.metadata
