@@ -116,7 +116,7 @@ def _error_response(request: Request, status: int, message: str, parameter: str 
     if _is_fhir(request):
         body = fhir_outcome.operation_outcome(fhir_code or fhir_outcome.code_for_status(status), message,
                                               expression=parameter)
-        return JSONResponse(body, status_code=status, media_type=fhir_routes.FHIR_JSON, headers=headers)
+        return fhir_routes.outcome_response(request, body, status, headers)
     return JSONResponse(error_body(message, parameter), status_code=status, media_type="application/dicom+json",
                         headers=headers)
 
@@ -131,7 +131,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             headers = {"WWW-Authenticate": 'Bearer realm="telerad-bridge"'} if status == 401 else {}
             if status == 401 and request.headers.get("authorization"):
                 headers["WWW-Authenticate"] += ' error="invalid_token"'
-            return JSONResponse(body, status_code=status, media_type=fhir_routes.FHIR_JSON, headers=headers)
+            return fhir_routes.outcome_response(request, body, status, headers)
         return _error_response(request, HTTP_STATUS_BY_KIND[exc.kind], exc.message, exc.parameter)
 
     @app.exception_handler(RequestValidationError)

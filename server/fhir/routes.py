@@ -110,6 +110,17 @@ async def _out(request: Request, body: dict, status: int = 200, headers: dict[st
     return _json(body, status, headers)
 
 
+def outcome_response(request: Request, outcome: dict, status: int, headers: dict[str, str]) -> Response:
+    """An error's OperationOutcome in the format the client asked for (JSON when that cannot be told)."""
+    try:
+        fmt = _negotiate(request)
+    except ServerError:
+        fmt = "json"
+    if fmt == "xml":
+        return Response(to_xml(outcome), status_code=status, media_type=FHIR_XML, headers=headers)
+    return _json(outcome, status, headers)
+
+
 async def _render(request: Request, result: Result) -> Response:
     """A result, with the body ``Prefer: return=`` asks for (FHIR R4 3.1.0.8.2)."""
     wanted = _prefer(request).get("return", "representation")

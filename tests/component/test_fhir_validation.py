@@ -176,3 +176,11 @@ def test_every_change_is_audited(client, settings, h):
     assert client.get("/fhir/AuditEvent", headers=other).json()["total"] == 0
     ro = auth(make_token(settings, scope="system/ServiceRequest.rs"))
     assert client.get("/fhir/AuditEvent", headers=ro).status_code == 403
+
+
+def test_errors_in_xml_when_xml_is_asked(client, h):
+    r = client.get("/fhir/Patient/none?_format=xml", headers=h)
+    assert r.status_code == 404 and r.headers["content-type"].startswith(XML)
+    assert b"<OperationOutcome" in r.content and b'<code value="not-found"/>' in r.content
+    r = client.get("/fhir/Patient?bogus=1", headers={**h, "Accept": XML})
+    assert r.status_code == 400 and b"<OperationOutcome" in r.content
