@@ -73,7 +73,9 @@ def capability_statement(base: str) -> dict:
             "security": {
                 "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
                                          "code": "SMART-on-FHIR"}]}],
-                "description": "Bearer tokens (RFC 6750) issued by `telerad token`, SMART v2 system scopes.",
+                "description": "Bearer tokens (RFC 6750) with SMART v2 system scopes, from the token endpoint "
+                               "(client credentials, SMART Backend Services; see .well-known/smart-configuration) "
+                               "or issued offline by `telerad token`. Every resource belongs to the token's tenant.",
             },
             "resource": [_resource(t) for t in SUPPORTED_TYPES],
             "interaction": [{"code": code} for code in SYSTEM_INTERACTIONS],
