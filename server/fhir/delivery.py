@@ -133,10 +133,16 @@ class DeliveryWorker:
         return True
 
     async def _deliver(self, client: httpx.AsyncClient, delivery: store.Delivery) -> None:
-        content = await anyio.to_thread.run_sync(self._content, delivery)
-        channel = channel_of(delivery.channel)
-        request = sub.notification(channel, delivery.resource_type, delivery.resource_id, content)
-        error = await self._send(client, request)
+        try:
+            content = await anyio.to_thread.run_sync(self._content, delivery)
+            channel = channel_of(delivery.channel)
+            request = sub.notification(channel, delivery.resource_type, delivery.resource_id, content)
+        except Exception:  # noqa: BLE001 - one bad delivery must not stop the batch; counted as a failed try
+            log.exception("subscription %s/%s: cannot build the notification", delivery.tenant,
+                          delivery.subscription_id)
+            error = "internal error preparing the notification"
+        else:
+            error = await self._send(client, request)
         await anyio.to_thread.run_sync(self._record, delivery, error)
 
     def _content(self, delivery: store.Delivery) -> str | None:

@@ -289,3 +289,26 @@ def test_lease_is_exclusive(app, client, h, orgs):
     assert not {d.pk for d in first} & {d.pk for d in second}
     assert queue.claim(10**10, limit=5, lease=60, statuses=sub.LISTENING) == []
     assert len(queue.claim(10**10 + 61, limit=5, lease=60, statuses=sub.LISTENING)) == 3  # leases expired
+
+
+def test_concurrent_leases_never_overlap(app, client, h, orgs):
+    """Workers in several processes lease at once: every delivery goes to exactly one of them."""
+    import threading
+
+    post(client, h, subscription("Task"))
+    for _ in range(12):
+        post(client, h, task())
+    queue = store.DeliveryQueue(app.state.engine)
+    got: list[list[int]] = [[] for _ in range(4)]
+
+    def work(mine: list[int]) -> None:
+        while batch := queue.claim(10**10, limit=2, lease=600, statuses=sub.LISTENING):
+            mine.extend(d.pk for d in batch)
+
+    threads = [threading.Thread(target=work, args=(g,)) for g in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    every = [pk for g in got for pk in g]
+    assert len(every) == len(set(every)) == 12
