@@ -6,8 +6,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import anyio
 
@@ -27,7 +25,6 @@ from server.errors import ErrorKind, ServerError
 from server.fhir import outcome as fhir_outcome
 from server.fhir import routes as fhir_routes
 from server.fhir.delivery import DeliveryWorker
-from server.fhir.delivery import DeliveryWorker
 from server.fhir.setup import build_service as build_fhir_service
 from server.security import token_routes
 from server.security.tokens import load_or_create_key
@@ -35,7 +32,6 @@ from server.store.archive import Archive
 from server.store.blobs import BlobStore
 from server.store.db import make_engine
 from server.store.migrate import upgrade
-from server.store.subscriptions import DeliveryQueue
 from server.store.subscriptions import DeliveryQueue
 
 log = logging.getLogger("server")
@@ -56,17 +52,6 @@ def prepare(settings: Settings) -> None:
         engine.dispose()
     BlobStore(settings.data_dir, fsync=settings.fsync).sweep_tmp()
     load_or_create_key(settings.data_dir)
-
-
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Background work of one server process: the FHIR Subscription delivery worker (one per worker process)."""
-    settings: Settings = app.state.settings
-    async with anyio.create_task_group() as tg:
-        if settings.subscription_worker:
-            tg.start_soon(DeliveryWorker(settings, app.state.fhir, DeliveryQueue(app.state.engine)).run)
-        yield
-        tg.cancel_scope.cancel()
 
 
 @asynccontextmanager

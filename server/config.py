@@ -49,15 +49,6 @@ class Settings(BaseSettings):
     subscription_timeout_seconds: float = Field(default=10.0, gt=0, description="HTTP timeout of one notification")
     subscription_lease_seconds: float = Field(default=60.0, gt=0, description="lease of a delivery being sent")
     subscription_batch: int = Field(default=32, ge=1, description="deliveries leased and sent at once")
-    # FHIR R4 Subscription (rest-hook) delivery: server/fhir/delivery.py
-    subscription_worker: bool = Field(default=True, description="run the Subscription delivery worker in this process")
-    subscription_poll_seconds: float = Field(default=1.0, gt=0, description="longest wait between queue polls")
-    subscription_retry_base_seconds: float = Field(default=5.0, gt=0, description="first retry delay (doubles)")
-    subscription_retry_max_seconds: float = Field(default=900.0, gt=0, description="longest retry delay")
-    subscription_max_attempts: int = Field(default=10, ge=1, description="tries before a delivery is dead")
-    subscription_timeout_seconds: float = Field(default=10.0, gt=0, description="HTTP timeout of one notification")
-    subscription_lease_seconds: float = Field(default=60.0, gt=0, description="lease of a delivery being sent")
-    subscription_batch: int = Field(default=32, ge=1, description="deliveries leased and sent at once")
 
     @property
     def resolved_database_url(self) -> str:
