@@ -1,0 +1,24 @@
+"""OpenPGP core (RFC 4880 v4 packets) interoperable with GnuPG 2.2: keys, signed+encrypted messages, detached
+signatures. Pure: no I/O, no subprocess.
+
+    keys.generate_key / import_* / export_*      transferable keys (RFC 4880 section 11)
+    openpgp.encrypt_and_sign / decrypt_and_verify  messages (RFC 4880 section 11.3)
+    openpgp.sign_detached / verify_detached      detached signatures (RFC 3156 section 5)
+    errors                                       one exception per failure the gateway tells apart
+"""
+
+from server.crypto.errors import (BadSignature, InvalidKey, KeyExpired, KeyRevoked, KeyUnusable, MalformedPacket,
+                                  NotEncrypted, NotSigned, OpenPGPError, TamperedMessage, UnknownSender,
+                                  UnsupportedAlgorithm, WrongRecipientKey)
+from server.crypto.keys import (PublicKey, SecretKey, encryption_key, export_public_key, export_secret_key,
+                                generate_key, import_public_key, import_public_keys, import_secret_key)
+from server.crypto.openpgp import (Decrypted, Verified, decrypt_and_verify, encrypt_and_sign, sign_detached,
+                                   verify_detached)
+
+__all__ = [
+    "BadSignature", "Decrypted", "InvalidKey", "KeyExpired", "KeyRevoked", "KeyUnusable", "MalformedPacket",
+    "NotEncrypted", "NotSigned", "OpenPGPError", "PublicKey", "SecretKey", "TamperedMessage", "UnknownSender",
+    "UnsupportedAlgorithm", "Verified", "WrongRecipientKey", "decrypt_and_verify", "encrypt_and_sign",
+    "encryption_key", "export_public_key", "export_secret_key", "generate_key", "import_public_key",
+    "import_public_keys", "import_secret_key", "sign_detached", "verify_detached",
+]

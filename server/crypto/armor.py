@@ -1,0 +1,166 @@
+"""ASCII armor with its CRC-24 checksum (RFC 4880 section 6)."""
+
+from __future__ import annotations
+
+import binascii
+
+from server.crypto.errors import MalformedPacket
+
+CRC24_INIT = 0xB704CE
+CRC24_POLY = 0x1864CFB
+# x^(2^23-1) = 1 modulo the CRC-24 polynomial (x+1 times a primitive degree-23 factor), so x^(8*CYCLE) = 1 as
+# well: folding the message into CYCLE-byte chunks with XOR keeps its remainder.
+_CYCLE = 2**23 - 1
+_TABLE_LIMIT = 4096
+
+MESSAGE = "MESSAGE"
+PUBLIC_KEY = "PUBLIC KEY BLOCK"
+PRIVATE_KEY = "PRIVATE KEY BLOCK"
+SIGNATURE = "SIGNATURE"
+
+
+def _make_table() -> tuple[int, ...]:
+    """Byte-wise CRC-24 table (RFC 4880 section 6.1)."""
+    table = []
+    for byte in range(256):
+        crc = byte << 16
+        for _ in range(8):
+            crc <<= 1
+            if crc & 0x1000000:
+                crc ^= CRC24_POLY
+        table.append(crc & 0xFFFFFF)
+    return tuple(table)
+
+
+_TABLE = _make_table()
+
+
+def crc24_reference(data: bytes) -> int:
+    """CRC-24 byte by byte, as the sample code of RFC 4880 section 6.1."""
+    crc = CRC24_INIT
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFFFF) ^ _TABLE[((crc >> 16) ^ byte) & 0xFF]
+    return crc
+
+
+def _clmul(a: int, b: int) -> int:
+    """Carry-less product of two GF(2) polynomials held in ints (b small)."""
+    result = 0
+    shift = 0
+    while b:
+        if b & 1:
+            result ^= a << shift
+        b >>= 1
+        shift += 1
+    return result
+
+
+def _mulmod(a: int, b: int) -> int:
+    """a * b modulo the CRC-24 polynomial, both of degree < 24."""
+    result = 0
+    while b:
+        if b & 1:
+            result ^= a
+        b >>= 1
+        a <<= 1
+        if a & 0x1000000:
+            a ^= CRC24_POLY
+    return result
+
+
+def _xpow(exponent: int) -> int:
+    """x^exponent modulo the CRC-24 polynomial."""
+    result, base = 1, 2
+    exponent %= _CYCLE
+    while exponent:
+        if exponent & 1:
+            result = _mulmod(result, base)
+        base = _mulmod(base, base)
+        exponent >>= 1
+    return result
+
+
+def _polymod(value: int) -> int:
+    """A GF(2) polynomial of any degree modulo the CRC-24 polynomial, by folding the upper half."""
+    bits = value.bit_length()
+    while bits > 64:
+        half = bits // 2
+        high, low = value >> half, value & ((1 << half) - 1)
+        value = _clmul(high, _xpow(half)) ^ low
+        bits = value.bit_length()
+    while bits > 24:
+        value ^= CRC24_POLY << (bits - 25)
+        bits = value.bit_length()
+    return value
+
+
+def crc24(data: bytes) -> int:
+    """OpenPGP CRC-24 (RFC 4880 section 6.1) in time linear in C: crc = (init*x^8n + M*x^24) mod P."""
+    if len(data) <= _TABLE_LIMIT:
+        return crc24_reference(data)
+    view = memoryview(data)
+    acc = 0
+    end = len(view)
+    while end > 0:  # chunks aligned at the low-order end, each worth x^(8*CYCLE*k) = 1
+        start = max(0, end - _CYCLE)
+        acc ^= int.from_bytes(view[start:end], "big")
+        end = start
+    remainder = _polymod(acc)
+    return _mulmod(CRC24_INIT, _xpow(8 * len(data))) ^ _polymod(remainder << 24)
+
+
+def armor(kind: str, data: bytes, *, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """Armor ``data`` as ``-----BEGIN PGP <kind>-----`` with 64-column base64 and checksum (RFC 4880 section 6.2)."""
+    lines = [f"-----BEGIN PGP {kind}-----".encode()]
+    lines += [f"{name}: {value}".encode() for name, value in headers]
+    lines.append(b"")
+    body = binascii.b2a_base64(data, newline=False)
+    lines += [body[i:i + 64] for i in range(0, len(body), 64)]
+    lines.append(b"=" + binascii.b2a_base64(crc24(data).to_bytes(3, "big"), newline=False))
+    lines.append(f"-----END PGP {kind}-----".encode())
+    lines.append(b"")
+    return b"\n".join(lines)
+
+
+def is_armored(data: bytes) -> bool:
+    """True when ``data`` starts (after white space) with an armor header line."""
+    return data[:64].lstrip().startswith(b"-----BEGIN PGP ")
+
+
+def dearmor(data: bytes) -> tuple[str, bytes]:
+    """Return (kind, binary) of the first armored block; checks the CRC-24 when present (RFC 4880 section 6.2)."""
+    begin = data.find(b"-----BEGIN PGP ")
+    if begin < 0:
+        raise MalformedPacket("no OpenPGP armor header line")
+    line_end = data.find(b"\n", begin)
+    header = data[begin:line_end if line_end >= 0 else len(data)].strip()
+    if not header.endswith(b"-----") or line_end < 0:
+        raise MalformedPacket("bad OpenPGP armor header line")
+    kind = header[len(b"-----BEGIN PGP "):-5].decode("ascii", "replace")
+    tail = f"-----END PGP {kind}-----".encode()
+    end = data.find(tail, line_end)
+    if end < 0:
+        raise MalformedPacket("OpenPGP armor tail line missing (truncated?)")
+    block = data[line_end + 1:end].replace(b"\r\n", b"\n")
+    blank = block.find(b"\n\n") if not block.startswith(b"\n") else -1
+    if block.startswith(b"\n"):
+        body = block[1:]
+    elif blank >= 0 and all(b":" in line for line in block[:blank].split(b"\n")):
+        body = block[blank + 2:]
+    else:
+        body = block  # no header block, no blank line: tolerated
+    body = body.strip()
+    checksum = None
+    last_nl = body.rfind(b"\n")
+    last = body[last_nl + 1:].strip()
+    if last.startswith(b"="):
+        checksum = last[1:]
+        body = body[:max(last_nl, 0)]
+    try:
+        binary = binascii.a2b_base64(body)
+        expected = binascii.a2b_base64(checksum) if checksum is not None else None
+    except binascii.Error as exc:
+        raise MalformedPacket("bad base64 in OpenPGP armor") from exc
+    if expected is not None and int.from_bytes(expected, "big") != crc24(binary):
+        raise MalformedPacket("OpenPGP armor checksum mismatch")
+    return kind, binary

@@ -1,0 +1,268 @@
+"""Key packets and the public-key operations on them (RFC 4880 sections 5.1, 5.5, 12.2; RFC 6637)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+
+from server.crypto.errors import MalformedPacket, UnsupportedAlgorithm
+from server.crypto.packets import HASH_NAME, SYM_KEY_SIZE, HashAlgo, PubKeyAlgo, SymAlgo, mpi, mpi_bytes, read_mpi
+
+ED25519_OID = bytes.fromhex("2b06010401da470f01")      # 1.3.6.1.4.1.11591.15.1 (RFC 9580 section 9.2)
+CV25519_OID = bytes.fromhex("2b060104019755010501")    # 1.3.6.1.4.1.3029.1.5.1 (RFC 9580 section 9.2)
+RSA_ALGOS = frozenset({PubKeyAlgo.RSA, PubKeyAlgo.RSA_ENCRYPT, PubKeyAlgo.RSA_SIGN})
+PREHASH = {HashAlgo.SHA1: hashes.SHA1, HashAlgo.SHA256: hashes.SHA256, HashAlgo.SHA384: hashes.SHA384,
+           HashAlgo.SHA512: hashes.SHA512, HashAlgo.SHA224: hashes.SHA224}
+ANONYMOUS_SENDER = b"Anonymous Sender    "                # RFC 6637 section 8
+
+
+@dataclass(frozen=True)
+class KeyPart:
+    """A v4 public key or subkey packet body and what it means (RFC 4880 section 5.5.2)."""
+
+    algorithm: int
+    created: int
+    body: bytes
+    public: object = field(repr=False)            # cryptography public key, None when unsupported
+    kdf: tuple[int, int] | None = None             # ECDH (hash, cipher) of RFC 6637 section 9
+
+    @property
+    def fingerprint(self) -> bytes:
+        """SHA-1 of 0x99, length and body (RFC 4880 section 12.2)."""
+        return hashlib.sha1(hash_material(self.body)).digest()
+
+    @property
+    def key_id(self) -> bytes:
+        """The low 64 bits of the fingerprint (RFC 4880 section 12.2)."""
+        return self.fingerprint[-8:]
+
+    @property
+    def can_encrypt(self) -> bool:
+        """True for RSA and X25519 ECDH keys, which we can encrypt to."""
+        return self.public is not None and self.algorithm in (PubKeyAlgo.RSA, PubKeyAlgo.RSA_ENCRYPT,
+                                                              PubKeyAlgo.ECDH)
+
+    @property
+    def can_sign(self) -> bool:
+        """True for RSA and Ed25519 keys, whose signatures we can verify."""
+        return self.public is not None and self.algorithm in (PubKeyAlgo.RSA, PubKeyAlgo.RSA_SIGN,
+                                                              PubKeyAlgo.EDDSA)
+
+
+def hash_material(body: bytes) -> bytes:
+    """0x99, two-octet length, key body: how a key enters a hash (RFC 4880 sections 5.2.4, 12.2)."""
+    return b"\x99" + len(body).to_bytes(2, "big") + bytes(body)
+
+
+def _read_oid(body: memoryview, pos: int) -> tuple[bytes, int]:
+    if pos >= len(body) or body[pos] in (0, 0xFF) or pos + 1 + body[pos] > len(body):
+        raise MalformedPacket("bad curve OID in key packet")
+    return bytes(body[pos + 1:pos + 1 + body[pos]]), pos + 1 + body[pos]
+
+
+def _point(value: int) -> bytes:
+    """The 32 octets of a 0x40-prefixed native curve point (RFC 9580 section 5.5.5.5)."""
+    raw = value.to_bytes(33, "big") if value.bit_length() <= 264 else b""
+    if len(raw) != 33 or raw[0] != 0x40:
+        raise MalformedPacket("bad curve point")
+    return raw[1:]
+
+
+def parse_public(body: bytes | memoryview) -> tuple[KeyPart, int]:
+    """(key part, end of public fields) of a v4 key packet body (RFC 4880 section 5.5.2, RFC 6637 section 9)."""
+    view = memoryview(body)
+    if len(view) < 6:
+        raise MalformedPacket("truncated key packet")
+    if view[0] != 4:
+        raise UnsupportedAlgorithm(f"unsupported key packet version {view[0]}")
+    created = int.from_bytes(view[1:5], "big")
+    algorithm = view[5]
+    pos = 6
+    public: object = None
+    kdf = None
+    if algorithm in RSA_ALGOS:
+        n, pos = read_mpi(view, pos)
+        e, pos = read_mpi(view, pos)
+        try:
+            public = rsa.RSAPublicNumbers(e, n).public_key()
+        except ValueError as exc:
+            raise MalformedPacket("bad RSA public key") from exc
+    elif algorithm in (PubKeyAlgo.EDDSA, PubKeyAlgo.ECDH, PubKeyAlgo.ECDSA):
+        oid, pos = _read_oid(view, pos)
+        point, pos = read_mpi(view, pos)
+        if algorithm == PubKeyAlgo.ECDH:
+            if pos + 4 > len(view) or view[pos] != 3 or view[pos + 1] != 1:
+                raise MalformedPacket("bad ECDH KDF parameters")
+            kdf = (view[pos + 2], view[pos + 3])
+            pos += 4
+            if oid == CV25519_OID:
+                public = X25519PublicKey.from_public_bytes(_point(point))
+        elif algorithm == PubKeyAlgo.EDDSA and oid == ED25519_OID:
+            public = Ed25519PublicKey.from_public_bytes(_point(point))
+    else:
+        pos = len(view)  # unknown algorithm: keep the packet, never use it
+    if pos > len(view):
+        raise MalformedPacket("truncated key packet")
+    return KeyPart(algorithm, created, bytes(view[:pos]), public, kdf), pos
+
+
+def rsa_public_body(key: rsa.RSAPublicKey, created: int, algorithm: int = PubKeyAlgo.RSA) -> bytes:
+    """The body of a v4 RSA public key packet (RFC 4880 section 5.5.2)."""
+    numbers = key.public_numbers()
+    return bytes([4]) + created.to_bytes(4, "big") + bytes([algorithm]) + mpi(numbers.n) + mpi(numbers.e)
+
+
+def _checksum(data: bytes | memoryview) -> bytes:
+    return (sum(data) & 0xFFFF).to_bytes(2, "big")
+
+
+def parse_secret(body: bytes | memoryview) -> tuple[KeyPart, object]:
+    """(key part, cryptography private key) of an unprotected v4 secret key packet (RFC 4880 section 5.5.3)."""
+    part, pos = parse_public(body)
+    view = memoryview(body)
+    if pos >= len(view):
+        raise MalformedPacket("truncated secret key packet")
+    if view[pos] != 0:
+        raise UnsupportedAlgorithm("passphrase-protected secret keys are not supported (S2K usage must be 0)")
+    start = pos = pos + 1
+    values = []
+    while pos < len(view) - 2:
+        value, pos = read_mpi(view, pos)
+        values.append(value)
+    if pos != len(view) - 2 or bytes(view[pos:]) != _checksum(view[start:pos]):
+        raise MalformedPacket("secret key checksum mismatch")
+    return part, _private_key(part, values)
+
+
+def _private_key(part: KeyPart, values: list[int]) -> object:
+    """Rebuild the cryptography private key from the secret MPIs (RFC 4880 section 5.5.3, RFC 6637 section 9)."""
+    try:
+        if part.algorithm in RSA_ALGOS and len(values) == 4:
+            d, p, q, _u = values
+            public = part.public.public_numbers()
+            return rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), public).private_key()
+        if part.algorithm == PubKeyAlgo.EDDSA and part.public is not None and len(values) == 1:
+            return Ed25519PrivateKey.from_private_bytes(values[0].to_bytes(32, "big"))
+        if part.algorithm == PubKeyAlgo.ECDH and part.public is not None and len(values) == 1:
+            return X25519PrivateKey.from_private_bytes(values[0].to_bytes(32, "big")[::-1])
+    except (ValueError, OverflowError) as exc:
+        raise MalformedPacket("bad secret key material") from exc
+    raise UnsupportedAlgorithm(f"unsupported secret key algorithm {part.algorithm}")
+
+
+def rsa_secret_body(key: rsa.RSAPrivateKey, public_body: bytes) -> bytes:
+    """An unprotected v4 RSA secret key packet body, p < q, u = p^-1 mod q (RFC 4880 section 5.5.3)."""
+    numbers = key.private_numbers()
+    p, q = sorted((numbers.p, numbers.q))
+    secret = mpi(numbers.d) + mpi(p) + mpi(q) + mpi(pow(p, -1, q))
+    return public_body + b"\x00" + secret + _checksum(secret)
+
+
+def sign_digest(private: object, algorithm: int, hash_algo: int, digest: bytes) -> bytes:
+    """The signature MPIs over ``digest`` (RFC 4880 section 5.2.2, RFC 9580 section 5.2.3.3)."""
+    if algorithm in RSA_ALGOS:
+        sig = private.sign(digest, padding.PKCS1v15(), Prehashed(PREHASH[hash_algo]()))
+        return mpi(int.from_bytes(sig, "big"))
+    if algorithm == PubKeyAlgo.EDDSA:
+        sig = private.sign(digest)
+        return mpi_bytes(sig[:32]) + mpi_bytes(sig[32:])
+    raise UnsupportedAlgorithm(f"cannot sign with algorithm {algorithm}")
+
+
+def read_signature_values(algorithm: int, data: bytes | memoryview) -> tuple[int, ...]:
+    """The algorithm-specific MPIs at the end of a signature packet (RFC 4880 section 5.2.2)."""
+    pos, values = 0, []
+    count = 1 if algorithm in RSA_ALGOS else 2
+    for _ in range(count):
+        value, pos = read_mpi(data, pos)
+        values.append(value)
+    return tuple(values)
+
+
+def verify_digest(part: KeyPart, hash_algo: int, digest: bytes, values: tuple[int, ...]) -> bool:
+    """True when ``values`` sign ``digest`` under ``part`` (RFC 4880 section 5.2.4)."""
+    try:
+        if part.algorithm in RSA_ALGOS and part.public is not None:
+            size = (part.public.key_size + 7) // 8
+            part.public.verify(values[0].to_bytes(size, "big"), digest, padding.PKCS1v15(),
+                               Prehashed(PREHASH[hash_algo]()))
+            return True
+        if part.algorithm == PubKeyAlgo.EDDSA and part.public is not None:
+            part.public.verify(values[0].to_bytes(32, "big") + values[1].to_bytes(32, "big"), digest)
+            return True
+    except (InvalidSignature, OverflowError, ValueError, IndexError, KeyError):
+        return False
+    return False
+
+
+def _session_plain(sym: int, key: bytes) -> bytes:
+    """Algorithm octet, key, two-octet checksum (RFC 4880 section 5.1)."""
+    return bytes([sym]) + key + _checksum(key)
+
+
+def _ecdh_kek(part: KeyPart, shared: bytes) -> bytes:
+    """KDF(Z, Param) of RFC 6637 sections 7 and 8 for an X25519 recipient."""
+    hash_algo, kek_algo = part.kdf
+    if hash_algo not in HASH_NAME or kek_algo not in SYM_KEY_SIZE:
+        raise UnsupportedAlgorithm("unsupported ECDH KDF parameters")
+    param = (bytes([len(CV25519_OID)]) + CV25519_OID + bytes([PubKeyAlgo.ECDH, 3, 1, hash_algo, kek_algo])
+             + ANONYMOUS_SENDER + part.fingerprint)
+    digest = hashlib.new(HASH_NAME[hash_algo], b"\x00\x00\x00\x01" + shared + param).digest()
+    return digest[:SYM_KEY_SIZE[kek_algo]]
+
+
+def encrypt_session_key(part: KeyPart, sym: int, key: bytes) -> bytes:
+    """A v3 public-key encrypted session key packet body (RFC 4880 section 5.1, RFC 6637 section 8)."""
+    head = bytes([3]) + part.key_id + bytes([part.algorithm])
+    plain = _session_plain(sym, key)
+    if part.algorithm in (PubKeyAlgo.RSA, PubKeyAlgo.RSA_ENCRYPT):
+        return head + mpi(int.from_bytes(part.public.encrypt(plain, padding.PKCS1v15()), "big"))
+    if part.algorithm == PubKeyAlgo.ECDH and part.public is not None:
+        ephemeral = X25519PrivateKey.generate()
+        kek = _ecdh_kek(part, ephemeral.exchange(part.public))
+        pad = 8 - len(plain) % 8
+        wrapped = aes_key_wrap(kek, plain + bytes([pad]) * pad)
+        point = b"\x40" + ephemeral.public_key().public_bytes_raw()
+        return head + mpi_bytes(point) + bytes([len(wrapped)]) + wrapped
+    raise UnsupportedAlgorithm(f"cannot encrypt to algorithm {part.algorithm}")
+
+
+def decrypt_session_key(part: KeyPart, private: object, data: bytes | memoryview) -> tuple[int, bytes] | None:
+    """(cipher, session key) from the algorithm fields of a PKESK, or None when it does not open."""
+    try:
+        if part.algorithm in (PubKeyAlgo.RSA, PubKeyAlgo.RSA_ENCRYPT):
+            value, _ = read_mpi(data, 0)
+            size = (private.key_size + 7) // 8
+            plain = private.decrypt(value.to_bytes(size, "big"), padding.PKCS1v15())
+        elif part.algorithm == PubKeyAlgo.ECDH:
+            value, pos = read_mpi(data, 0)
+            size = data[pos]
+            wrapped = bytes(data[pos + 1:pos + 1 + size])
+            shared = private.exchange(X25519PublicKey.from_public_bytes(_point(value)))
+            padded = aes_key_unwrap(_ecdh_kek(part, shared), wrapped)
+            pad = padded[-1]
+            if not 1 <= pad <= 8 or padded[-pad:] != bytes([pad]) * pad:
+                return None
+            plain = padded[:-pad]
+        else:
+            return None
+    except (ValueError, IndexError, OverflowError, InvalidUnwrap, MalformedPacket):
+        return None
+    sym, key, check = plain[0], plain[1:-2], plain[-2:]
+    if sym not in SYM_KEY_SIZE or len(key) != SYM_KEY_SIZE[sym] or _checksum(key) != check:
+        return None
+    return SymAlgo(sym), key
+
+
+def random_session_key(sym: int = SymAlgo.AES256) -> bytes:
+    """A fresh session key for ``sym`` (RFC 4880 section 5.1)."""
+    return os.urandom(SYM_KEY_SIZE[sym])
