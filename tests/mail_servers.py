@@ -2,7 +2,7 @@
 
 Dovecot (Debian ``dovecot-imapd dovecot-pop3d``) runs from a temp dir with its own config
 (``dovecot -F -c <tmp>/dovecot.conf``): listen 127.0.0.1 on free ports, plain + implicit-TLS listeners,
-passdb/userdb from a passwd-file (users are added per test; Dovecot rereads the file when it changes),
+passdb/userdb from passwd-files (``users/%u``: one file per user, added per test),
 maildir under the temp dir owned by ``nobody``, a self-signed certificate for ``localhost``/``127.0.0.1``.
 Root runs it with Debian's ``dovecot``/``dovenull`` system users as internal and login users.
 """
@@ -28,6 +28,7 @@ import pytest
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 DOVECOT = shutil.which("dovecot") or ("/usr/sbin/dovecot" if Path("/usr/sbin/dovecot").exists() else None)
+DOVECOT_LIBEXEC = Path("/usr/lib/dovecot")  # Debian: imap and pop3 are dovecot-imapd / dovecot-pop3d
 
 
 def free_port() -> int:
@@ -123,16 +124,18 @@ ssl_cert = <{cert}
 ssl_key = <{key}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
+auth_failure_delay = 0
+login_trusted_networks = 127.0.0.0/8
 default_internal_user = {internal}
 default_login_user = {login}
 first_valid_uid = 1
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN username_format=%u {root}/users
+  args = scheme=PLAIN username_format=%u {root}/users/%u
 }}
 userdb {{
   driver = passwd-file
-  args = username_format=%u {root}/users
+  args = username_format=%u {root}/users/%u
 }}
 mail_location = maildir:~/Maildir
 namespace inbox {{
@@ -169,7 +172,7 @@ service pop3-login {{
         cert, key = make_cert(root / "tls")
         ports = {name: free_port() for name in ("imap", "imaps", "pop3", "pop3s")}
         internal, login = _service_users()
-        (root / "users").write_text("")
+        (root / "users").mkdir()  # one passwd-file per user: no stale reread of a shared file
         (root / "home").mkdir()
         (root / "home").chmod(0o755)
         conf = root / "dovecot.conf"
@@ -205,7 +208,7 @@ service pop3-login {{
         home.mkdir()
         uid, gid = _mail_owner()
         os.chown(home, uid, gid)
-        with open(self.root / "users", "a") as f:
+        with open(self.root / "users" / user, "w") as f:
             f.write(f"{user}:{{PLAIN}}{password}:{uid}:{gid}::{home}::\n")
         self.users[user] = password
         return user
@@ -282,9 +285,14 @@ def _exists(user: str) -> bool:
 @pytest.fixture(scope="session")
 def dovecot():
     """One Dovecot for the session (tests isolate by user); skipped when Dovecot is not installed."""
-    if DOVECOT is None:
+    if DOVECOT is None or not all((DOVECOT_LIBEXEC / p).exists() for p in ("imap", "pop3")):
         pytest.skip("dovecot is not installed (Debian: apt-get install dovecot-imapd dovecot-pop3d)")
-    server = Dovecot.start()
+    try:
+        server = Dovecot.start()
+    except RuntimeError as exc:
+        if os.geteuid() == 0:
+            raise
+        pytest.skip(f"dovecot does not start without root here: {exc}")
     try:
         yield server
     finally:
