@@ -12,8 +12,10 @@ from server.fhir.audit import record as record_audit
 from server.fhir.subscription import activate as activate_subscription
 from server.fhir.delivery import SubscriptionListener
 from server.fhir.validation import check_content
+from server.fhir.imaging import ImagingStudyProjection, Options
 from server.fhir.service import FhirService, Listener, Projection, Validator
 from server.store.fhir import FhirStore
+from server.store.imaging import ImagingIndex
 
 
 def validators(settings: Settings) -> dict[str, Validator]:
@@ -28,8 +30,14 @@ def listeners(settings: Settings, engine: Engine) -> list[Listener]:
 
 
 def projections(settings: Settings, engine: Engine) -> dict[str, Projection]:
-    """Read-only resource types computed from other data."""
-    return {}
+    """Read-only resource types computed from other data: ImagingStudy from the DICOM index.
+
+    The WADO-RS base of its Endpoint is the public base URL + ``/dicomweb`` (as the DICOMweb routes build
+    RetrieveURL and BulkDataURI), or the server-relative ``/dicomweb`` when no public base URL is set.
+    """
+    base = settings.public_base_url
+    wado = f"{base.rstrip('/')}/dicomweb" if base else "/dicomweb"
+    return {"ImagingStudy": ImagingStudyProjection(ImagingIndex(engine), Options(wado_base=wado))}
 
 
 def build_service(settings: Settings, engine: Engine) -> FhirService:
