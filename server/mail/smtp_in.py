@@ -6,8 +6,11 @@ RFC 1870 (SIZE), RFC 3207 (STARTTLS), RFC 3463 (enhanced status codes). Built on
 Memory bound: aiosmtpd holds one mail in memory while it reads DATA (a list of line buffers, then the joined
 bytes: about 2-3 x the mail size at the peak), per connection in DATA. ``max_bytes`` caps it (also
 advertised in the EHLO ``SIZE`` keyword and checked against ``MAIL FROM ... SIZE=``); aiosmtpd offers no
-hook to spool DATA to a file, so a spooling threshold is not implemented. Plan memory for
-``concurrent senders x 3 x max_bytes``.
+hook to spool DATA to a file, so a spooling threshold is not implemented. ``max_connections`` bounds the
+sessions (421 above it), so the memory bound is ``max_connections x 3 x max_bytes``.
+
+Stop: the listener closes, mails whose sink is running get their reply (up to ``grace_seconds``), then
+every open session is told ``421`` (RFC 5321 section 3.8) and closed.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class SmtpIngressConfig:
     key_file: Path | None = None
     require_tls: bool = False  # 530 to every command but EHLO/NOOP/QUIT before STARTTLS
     max_recipients: int = 100  # 452 4.5.3 above (RFC 5321 section 4.5.3.1.8 asks for >= 100)
+    max_connections: int = 64  # concurrent sessions; 421 to further ones
+    grace_seconds: float = 30.0  # on stop, wait this long for running sinks
     timeout_seconds: float = 300.0  # idle timeout of a connection (RFC 5321 section 4.5.3.2)
     sink_threads: int = 8  # worker threads running the sink
 
@@ -66,6 +71,35 @@ class SmtpIngressConfig:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(self.cert_file, self.key_file)
         return ctx
+
+
+REPLY_BUSY = b"421 4.3.2 Too many connections, try again later\r\n"
+REPLY_SHUTDOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
+
+
+class _Session(SMTP):
+    """aiosmtpd's SMTP protocol, registered with the ingress while connected."""
+
+    def __init__(self, ingress: SmtpIngress, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._ingress = ingress
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._ingress.connections.add(self)  # called again after STARTTLS: a set
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._ingress.connections.discard(self)
+        super().connection_lost(error)
+
+
+class _Busy(asyncio.Protocol):
+    """Answers 421 and closes: a session over ``max_connections`` (RFC 5321 section 3.8)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(REPLY_BUSY)
+        transport.close()
 
 
 class _Handler:
@@ -123,7 +157,8 @@ class SmtpIngress:
                  tls_context: ssl.SSLContext | None = None, require_tls: bool = False,
                  hostname: str = "localhost", local_domains: tuple[str, ...] | list[str] = (),
                  local_addresses: tuple[str, ...] | list[str] = (), max_recipients: int = 100,
-                 timeout_seconds: float = 300.0, sink_threads: int = 8) -> None:
+                 timeout_seconds: float = 300.0, sink_threads: int = 8, max_connections: int = 64,
+                 grace_seconds: float = 30.0) -> None:
         if require_tls and tls_context is None:
             raise ValueError("require_tls needs a tls_context")
         if max_bytes <= 0:
@@ -138,6 +173,10 @@ class SmtpIngress:
         self._require_tls = require_tls
         self._timeout = timeout_seconds
         self._sink_threads = sink_threads
+        self.max_connections = max_connections
+        self._grace = grace_seconds
+        self.connections: set[_Session] = set()
+        self._busy = 0  # sinks running
         self._local_domains = frozenset(d.lower().rstrip(".") for d in local_domains)
         self._local_addresses = frozenset(a.lower() for a in local_addresses)
         self._handler = _Handler(self)
@@ -152,7 +191,8 @@ class SmtpIngress:
         return cls(config.host, config.port, sink, max_bytes=config.max_bytes, tls_context=config.tls_context(),
                    require_tls=config.require_tls, hostname=config.hostname, local_domains=config.local_domains,
                    local_addresses=config.local_addresses, max_recipients=config.max_recipients,
-                   timeout_seconds=config.timeout_seconds, sink_threads=config.sink_threads)
+                   timeout_seconds=config.timeout_seconds, sink_threads=config.sink_threads,
+                   max_connections=config.max_connections, grace_seconds=config.grace_seconds)
 
     def is_local(self, address: str) -> bool:
         """True when ``address`` is one of ours (RFC 5321 section 3.6.2: no open relay)."""
@@ -165,10 +205,18 @@ class SmtpIngress:
     async def run_sink(self, raw: bytes, meta: Received) -> None:
         """Run the sink in a worker thread, never on the event loop."""
         assert self._executor is not None
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._sink, raw, meta)
+        self._busy += 1
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._sink, raw, meta)
+        finally:
+            self._busy -= 1  # the reply is written in this same loop step, before stop() can close
 
-    def _protocol(self) -> SMTP:
-        return SMTP(
+    def _protocol(self) -> asyncio.Protocol:
+        if len(self.connections) >= self.max_connections:
+            log.warning("smtp ingress: %d sessions, refusing another with 421", len(self.connections))
+            return _Busy()
+        return _Session(
+            self,
             self._handler,
             data_size_limit=self.max_bytes,
             hostname=self.hostname,
@@ -191,14 +239,23 @@ class SmtpIngress:
         log.info("smtp ingress listening on %s:%s", self.host, self.port)
 
     async def stop(self) -> None:
-        """Stop listening; mails whose sink is running finish before this returns."""
+        """Stop listening; running sinks finish and get their reply, then open sessions get 421."""
         server, self._server = self._server, None
+        loop = asyncio.get_running_loop()
         if server is not None:
             server.close()
+            deadline = loop.time() + self._grace
+            while self._busy and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+            for session in list(self.connections):
+                transport = session.transport
+                if transport is not None and not transport.is_closing():
+                    transport.write(REPLY_SHUTDOWN)  # type: ignore[attr-defined]
+                    transport.close()
             await server.wait_closed()
         executor, self._executor = self._executor, None
         if executor is not None:
-            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+            await loop.run_in_executor(None, executor.shutdown, True)
 
     async def __aenter__(self) -> SmtpIngress:
         await self.start()

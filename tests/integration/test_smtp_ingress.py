@@ -207,3 +207,55 @@ def test_start_stop_on_a_running_loop(tls_cert):
 
     asyncio.run(main())
     assert len(store.mails) == 1
+
+
+def test_sessions_over_max_connections_get_421(ingress_factory, tls_cert):
+    ingress = ingress_factory(Store(), max_connections=2)
+    first, second = _client(ingress, tls_cert, tls=False), _client(ingress, tls_cert, tls=False)
+    try:
+        with pytest.raises(smtplib.SMTPConnectError) as err:
+            smtplib.SMTP("127.0.0.1", ingress.port, timeout=10)
+        assert err.value.smtp_code == 421
+    finally:
+        first.quit()
+        second.quit()
+    with _client(ingress, tls_cert) as smtp:  # a slot is free again
+        assert smtp.noop()[0] == 250
+
+
+def test_stop_lets_a_running_sink_answer_then_closes_idle_sessions(tls_cert):
+    entered, release = threading.Event(), threading.Event()
+    stored: list[bytes] = []
+
+    def sink(raw, meta):
+        entered.set()
+        release.wait(10)
+        stored.append(raw)
+
+    ingress = SmtpIngress("127.0.0.1", 0, sink, local_domains=["site-b.example"], grace_seconds=10)
+    ingress.start_in_thread()
+    idle = smtplib.SMTP("127.0.0.1", ingress.port, timeout=10)
+    idle.ehlo()
+    replies: list[tuple[int, bytes]] = []
+
+    def send() -> None:
+        smtp = smtplib.SMTP("127.0.0.1", ingress.port, timeout=10)
+        smtp.ehlo()
+        smtp.mail("a@site-a.example")
+        smtp.rcpt("b@site-b.example")
+        replies.append(smtp.data(mail()))
+        smtp.close()  # no QUIT: the server closes this session right after the reply
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    assert entered.wait(10)
+    stopper = threading.Thread(target=ingress.stop_thread)
+    stopper.start()
+    release.set()
+    stopper.join(15)
+    sender.join(15)
+    assert replies and replies[0][0] == 250 and len(stored) == 1  # the stored mail got its 250
+    with pytest.raises(smtplib.SMTPServerDisconnected):  # the idle session was told 421 and closed
+        idle.noop()
+        idle.noop()
+    idle.close()
