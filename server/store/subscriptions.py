@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Engine
 
 from server.store.db import writer
@@ -82,10 +82,15 @@ def unregister(tx: FhirTx, subscription_id: str) -> None:
                                     D.c.state == PENDING).values(state=CANCELLED))
 
 
+#: Built once: this runs on every write, so not even the statement is rebuilt (ix_fhir_subscription_type).
+_LISTENING = select(S).where(S.c.tenant == bindparam("tenant"), S.c.criteria_type == bindparam("rtype"),
+                             S.c.status.in_(bindparam("statuses", expanding=True)))
+
+
 def listening(tx: FhirTx, resource_type: str, statuses: Sequence[str]) -> list[Registered]:
     """The Subscriptions of the tenant on ``resource_type`` in one of ``statuses`` (one indexed query)."""
-    rows = tx.conn.execute(select(S).where(S.c.tenant == tx.tenant, S.c.criteria_type == resource_type,
-                                           S.c.status.in_(list(statuses)))).all()
+    rows = tx.conn.execute(_LISTENING, {"tenant": tx.tenant, "rtype": resource_type,
+                                        "statuses": list(statuses)}).all()
     return [_registered(r) for r in rows]
 
 
