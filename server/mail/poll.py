@@ -212,7 +212,10 @@ class MailboxPoller:
             committed = True
         finally:
             if not committed:
-                pop.close()  # no QUIT: the server keeps every message
+                try:
+                    pop.close()  # no QUIT: the server keeps every message (RFC 1939 section 6)
+                except OSError:
+                    pass
         return report
 
     def _pop3_delete(self, pop: poplib.POP3, num: int) -> None:
@@ -268,7 +271,10 @@ class MailboxPoller:
             except (imaplib.IMAP4.error, OSError):
                 pass
         except BaseException:
-            imap.shutdown()
+            try:
+                imap.shutdown()  # no EXPUNGE, no logout: messages not yet removed stay
+            except OSError:
+                pass
             raise
         return report
 
@@ -305,8 +311,10 @@ class MailboxPoller:
         if typ != "OK":
             return None
         for item in data:
-            if isinstance(item, tuple) and _UID.search(item[0]) and _UID.search(item[0]).group(1).decode() == uid:
-                return item[1]
+            if isinstance(item, tuple):
+                m = _UID.search(item[0])
+                if m and m.group(1).decode() == uid:
+                    return item[1]
         return None
 
     def _imap_remove(self, imap: imaplib.IMAP4, uid: str) -> None:

@@ -245,6 +245,8 @@ class Relay:
             raise TransientSendError(ErrorKind.SECURITY, f"{host}: TLS failed: {exc.__class__.__name__}",
                                      host=host) from exc
         except (smtplib.SMTPException, OSError) as exc:  # refused, reset, disconnected, DNS
+            if isinstance(exc.__context__, (socket.timeout, TimeoutError)):  # smtplib wraps read timeouts
+                raise TransientSendError(ErrorKind.TIMEOUT, f"{host}: timed out", host=host) from exc
             raise TransientSendError(ErrorKind.UPSTREAM, f"{host}: {exc.__class__.__name__}: {exc}",
                                      host=host) from exc
         if refused:

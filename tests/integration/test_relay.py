@@ -164,3 +164,36 @@ def test_per_domain_route_with_starttls_to_our_ingress(tls_cert):
         assert sent[0].reply.startswith("2.0.0 Ok: stored as ") and len(stored) == 1
     finally:
         ingress.stop_thread()
+
+
+def test_silent_server_is_a_transient_timeout():
+    import socket
+
+    with socket.socket() as listener:  # accepts (backlog) but never greets
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        route = Route("127.0.0.1", listener.getsockname()[1], TlsMode.STARTTLS)
+        with pytest.raises(TransientSendError) as err:
+            Relay(RelayConfig(smarthost=route, timeout_seconds=0.5)).send(mail(), "a@x.example", ["b@y.example"])
+    assert err.value.kind is ErrorKind.TIMEOUT
+
+
+def test_greeting_421_is_transient_and_554_permanent():
+    import socket
+    import threading
+
+    for greeting, cls in ((b"421 4.3.2 busy\r\n", TransientSendError), (b"554 5.7.1 go away\r\n", PermanentSendError)):
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+
+            def serve() -> None:
+                conn, _ = listener.accept()
+                conn.sendall(greeting)
+                conn.close()
+
+            threading.Thread(target=serve, daemon=True).start()
+            route = Route("127.0.0.1", listener.getsockname()[1], TlsMode.STARTTLS)
+            with pytest.raises(cls) as err:
+                Relay(RelayConfig(smarthost=route, timeout_seconds=5)).send(mail(), "a@x.example", ["b@y.example"])
+            assert err.value.code == int(greeting[:3])
