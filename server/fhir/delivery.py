@@ -122,6 +122,9 @@ class DeliveryWorker:
     async def round(self, client: httpx.AsyncClient) -> bool:
         """Lease and send one batch; True when a batch was sent (look again at once)."""
         s = self.settings
+        due = await anyio.to_thread.run_sync(self.queue.next_due)  # a read: no write lock while idle
+        if due is None or due > self.clock():
+            return False
         batch = await anyio.to_thread.run_sync(functools.partial(
             self.queue.claim, self.clock(), limit=s.subscription_batch, lease=s.subscription_lease_seconds,
             statuses=sub.LISTENING))
