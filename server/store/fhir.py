@@ -6,7 +6,11 @@ success (writers take the write lock first: ``writer(engine)``); services call t
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import json
+import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +27,33 @@ from server.store.fhir_models import FhirHistory, FhirIndex, FhirResource
 R = FhirResource.__table__
 H = FhirHistory.__table__
 IX = FhirIndex.__table__
+
+# Hot statements as driver SQL with positional parameters (``?``; ``%s`` on PostgreSQL): the per-request cost of
+# building, cache-keying and compiling SQLAlchemy expressions was larger than the statements themselves.
+_RESOURCE_COLS = "pk, resource_type, resource_id, version_id, last_updated, deleted, content"
+_CURRENT = (f"SELECT {_RESOURCE_COLS} FROM fhir_resource "
+            "WHERE tenant = ? AND resource_type = ? AND resource_id = ?")
+_INSERT_RESOURCE = ("INSERT INTO fhir_resource (tenant, resource_type, resource_id, version_id, last_updated, "
+                    "deleted, content) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING pk")
+_UPDATE_RESOURCE = ("UPDATE fhir_resource SET version_id = ?, last_updated = ?, deleted = ?, content = ? "
+                    "WHERE tenant = ? AND resource_type = ? AND resource_id = ? AND version_id = ? RETURNING pk")
+_INSERT_HISTORY = ("INSERT INTO fhir_history (tenant, resource_type, resource_id, version_id, last_updated, "
+                   "deleted, method, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_DELETE_INDEX = "DELETE FROM fhir_index WHERE resource_pk = ?"
+_INDEX_COLS = "(tenant, resource_type, resource_pk, param, system, value, exact, low, high)"
+_INDEX_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INDEX_ROWS_PER_INSERT = 200  # 1,800 parameters per statement: below SQLite's and PostgreSQL's limits
+
+
+@functools.lru_cache(maxsize=512)
+def _driver_sql(sql: str, dialect: str) -> str:
+    """``sql`` (``?`` placeholders, no literal ``?`` or ``%``) in the parameter style of the driver."""
+    return sql.replace("?", "%s") if dialect == "postgresql" else sql
+
+
+@functools.lru_cache(maxsize=512)
+def _in_list(n: int) -> str:
+    return ", ".join("?" * n)
 
 
 @dataclass(frozen=True)
@@ -52,18 +83,156 @@ class FhirStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._writer = writer(engine)
+        self._group = _GroupCommit(self._writer) if engine.dialect.name == "sqlite" else None
 
     @contextmanager
     def transaction(self, tenant: str, *, write: bool) -> Iterator["FhirTx"]:
-        """A transaction for ``tenant``; commits when the block succeeds, rolls back otherwise."""
-        engine = writer(self.engine) if write else self.engine
-        try:
-            with engine.begin() as conn:
+        """A transaction for ``tenant``; commits when the block succeeds, rolls back otherwise.
+
+        SQLite writers of this process go through group commit (``_GroupCommit``): the block still returns only
+        after its changes are committed.
+        """
+        if write and self._group is not None and not self._group.inside():
+            with _mapped():
+                with self._group.transaction() as conn:
+                    yield FhirTx(conn, tenant)
+            return
+        with _mapped():
+            with (self._writer if write else self.engine).begin() as conn:
                 yield FhirTx(conn, tenant)
-        except IntegrityError as exc:
-            raise ServerError(ErrorKind.CONFLICT, "concurrent change of the same resource; retry") from exc
-        except OperationalError as exc:
-            raise ServerError(ErrorKind.TIMEOUT, "the store is busy; retry") from exc
+
+
+@contextmanager
+def _mapped() -> Iterator[None]:
+    try:
+        yield
+    except IntegrityError as exc:
+        raise ServerError(ErrorKind.CONFLICT, "concurrent change of the same resource; retry") from exc
+    except OperationalError as exc:
+        raise ServerError(ErrorKind.TIMEOUT, "the store is busy; retry") from exc
+
+
+class _GroupCommit:
+    """Group commit of the SQLite write transactions of one process.
+
+    SQLite has one writer at a time and every commit waits for an fsync of the WAL (synchronous=FULL). Writers
+    of this process take turns on one connection: each runs in a SAVEPOINT of a shared transaction (a failing
+    block rolls back to it, the others are kept); the writer that finds nobody waiting commits the group. Every
+    block returns only after the COMMIT that contains it succeeded, and raises if that COMMIT failed, so a
+    client is answered after its change is durable, as with one transaction per request. Waiting threads queue
+    on a lock rather than in SQLite's busy handler, which polls with sleeps of up to 100 ms.
+    """
+
+    MAX_GROUP = 64
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        database = engine.url.database
+        # Worker processes on the same file take turns per group through an advisory lock next to it (the
+        # kernel wakes the next process at once; SQLite's busy handler would poll).
+        self.lock_path = f"{database}-fhir-writer.lock" if database and database != ":memory:" else None
+        self.lock_fd: int | None = None
+        self.turn = threading.Lock()  # one writer at a time on the shared connection
+        self.done = threading.Condition(threading.Lock())
+        self.local = threading.local()
+        self.waiting = 0  # threads waiting for their turn
+        self.conn: Connection | None = None
+        self.trans = None
+        self.group = 0  # number of the open (or last) group
+        self.members = 0
+        self.committed = 0  # last group whose COMMIT finished
+        self.failed: dict[int, BaseException] = {}
+
+    def inside(self) -> bool:
+        """True in a thread already inside a write block (a nested write takes its own transaction)."""
+        return getattr(self.local, "inside", False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        with self.done:
+            self.waiting += 1
+        self.turn.acquire()
+        with self.done:
+            self.waiting -= 1
+        self.local.inside = True
+        try:
+            if self.conn is None:
+                self._begin()
+            group = self.group
+            self.members += 1
+            savepoint = self.conn.begin_nested()
+            try:
+                yield self.conn
+            except BaseException:
+                savepoint.rollback()
+                raise
+            else:
+                savepoint.commit()
+            finally:
+                self._maybe_commit()
+        finally:
+            self.local.inside = False
+            self.turn.release()
+        with self.done:  # outside our turn: the next writers join the group while we wait for its COMMIT
+            while self.committed < group:
+                self.done.wait()
+            error = self.failed.get(group)
+        if error is not None:
+            raise ServerError(ErrorKind.TIMEOUT, "the store could not commit; retry") from error
+
+    def _begin(self) -> None:
+        self._lock_file()
+        try:
+            conn = self.engine.connect()
+            try:
+                self.trans = conn.begin()
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException:
+            self._unlock_file()
+            raise
+        self.conn = conn
+        self.group += 1
+        self.members = 0
+
+    def _lock_file(self) -> None:
+        if self.lock_path is None:
+            return
+        if self.lock_fd is None:
+            self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+
+    def _unlock_file(self) -> None:
+        if self.lock_fd is not None:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+
+    def _maybe_commit(self) -> None:
+        """Commit the group unless more writers are waiting to join it (called holding the turn)."""
+        with self.done:
+            if self.waiting and self.members < self.MAX_GROUP:
+                return
+        conn, trans, group = self.conn, self.trans, self.group
+        self.conn = self.trans = None
+        error = None
+        try:
+            trans.commit()
+        except BaseException as exc:  # noqa: BLE001 - handed to every member of the group
+            error = exc
+            try:
+                trans.rollback()
+            except Exception:  # noqa: BLE001
+                pass
+        finally:
+            conn.close()
+            self._unlock_file()
+        with self.done:
+            if error is not None:
+                self.failed[group] = error
+            self.failed.pop(group - 1000, None)
+            self.committed = group
+            self.done.notify_all()
 
 
 class FhirTx:
@@ -72,6 +241,16 @@ class FhirTx:
     def __init__(self, conn: Connection, tenant: str) -> None:
         self.conn = conn
         self.tenant = tenant
+        self._dialect = conn.dialect.name
+
+    def _alias(self, table, prefix: str):
+        """The next alias of ``table`` for the statement being built (named: compiled once, cached)."""
+        n = self._aliases = getattr(self, "_aliases", 0) + 1
+        return _named_alias(table, f"{prefix}{n}")
+
+    def _sql(self, sql: str, params: tuple | list[tuple]):
+        """Run driver SQL written with ``?`` placeholders (bound parameters only)."""
+        return self.conn.exec_driver_sql(_driver_sql(sql, self._dialect), params)
 
     def serialize(self, key: str) -> None:
         """Serialise check-then-write sequences on ``key`` (conditional create/update) until commit.
@@ -85,10 +264,8 @@ class FhirTx:
     # ---- reads ----------------------------------------------------------------------------------------
     def current(self, rtype: str, rid: str, *, lock: bool = False) -> Stored | None:
         """The current version (maybe deleted) of a resource, or None."""
-        stmt = select(R).where(R.c.tenant == self.tenant, R.c.resource_type == rtype, R.c.resource_id == rid)
-        if lock:
-            stmt = stmt.with_for_update()
-        row = self.conn.execute(stmt).first()
+        sql = _CURRENT + (" FOR UPDATE" if lock and self._dialect == "postgresql" else "")
+        row = self._sql(sql, (self.tenant, rtype, rid)).first()
         return _stored(row) if row else None
 
     def version(self, rtype: str, rid: str, vid: int) -> Stored | None:
@@ -114,33 +291,63 @@ class FhirTx:
         return total, [_stored(r) for r in rows]
 
     def search(self, query: P.Query) -> tuple[int, list[Stored]]:
-        """(total, page) of current resources matching ``query``."""
+        """(total, page) of current resources matching ``query``.
+
+        The page is read first; when it is the first page and not full, its length is the total and the
+        count query is skipped.
+        """
+        self._aliases = 0
         cond = self._matching(query.resource_type, query.clauses, R)
-        total = self.conn.execute(select(func.count()).select_from(R).where(cond)).scalar_one()
         if query.summary_count or query.count == 0:
-            return total, []
+            return self._count(query, cond), []
         stmt = select(R).where(cond).order_by(*self._order(query), R.c.pk).limit(query.count).offset(query.offset)
-        return total, [_stored(r) for r in self.conn.execute(stmt).all()]
+        page = [_stored(r) for r in self.conn.execute(stmt).all()]
+        if query.offset == 0 and len(page) < query.count:
+            return len(page), page
+        return self._count(query, cond), page
+
+    def _count(self, query: P.Query, cond) -> int:
+        if len(query.clauses) == 1 and _narrows(query.clauses[0]):
+            # one index clause: count its distinct resources in the index alone (a deleted resource has no
+            # index rows), not by looking up every matching resource
+            stmt = self._rows(query.resource_type, query.clauses[0], count=True)
+        else:
+            stmt = select(func.count()).select_from(R).where(cond)
+        return self.conn.execute(stmt).scalar_one()
 
     def by_ids(self, rtype: str, ids: Sequence[str]) -> list[Stored]:
         """The live resources of ``rtype`` with these ids."""
         if not ids:
             return []
-        rows = self.conn.execute(select(R).where(R.c.tenant == self.tenant, R.c.resource_type == rtype,
-                                                 R.c.resource_id.in_(list(ids)), R.c.deleted == false())).all()
+        ids = list(dict.fromkeys(ids))
+        rows = []
+        for at in range(0, len(ids), 500):
+            chunk = ids[at:at + 500]
+            rows += self._sql(f"SELECT {_RESOURCE_COLS} FROM fhir_resource WHERE tenant = ? AND resource_type = ? "
+                              f"AND resource_id IN ({_in_list(len(chunk))}) AND deleted = ?",
+                              (self.tenant, rtype, *chunk, False)).all()
         return [_stored(r) for r in rows]
 
     def references(self, rtype: str, ids: Sequence[str], param: str, target: str | None) -> list[tuple[str, str]]:
         """The (type, id) targets of reference parameter ``param`` of these resources (_include)."""
         if not ids:
             return []
-        cond = [IX.c.tenant == self.tenant, IX.c.resource_type == rtype, IX.c.param == param,
-                R.c.resource_id.in_(list(ids))]
-        if target:
-            cond.append(IX.c.system == target)
-        rows = self.conn.execute(select(IX.c.system, IX.c.value).join(R, R.c.pk == IX.c.resource_pk)
-                                 .where(*cond).distinct()).all()
-        return [(r.system, r.value) for r in rows]
+        ids = list(dict.fromkeys(ids))
+        out: dict[tuple[str, str], None] = {}
+        for at in range(0, len(ids), 500):
+            chunk = ids[at:at + 500]
+            # the resources by id first, then their index rows by (resource_pk, param); CROSS JOIN keeps that
+            # order in SQLite (PostgreSQL plans it freely)
+            sql = ("SELECT DISTINCT ix.system, ix.value FROM fhir_resource r CROSS JOIN fhir_index ix "
+                   f"WHERE r.tenant = ? AND r.resource_type = ? AND r.resource_id IN ({_in_list(len(chunk))}) "
+                   "AND ix.resource_pk = r.pk AND ix.param = ?")
+            params = (self.tenant, rtype, *chunk, param)
+            if target:
+                sql += " AND ix.system = ?"
+                params += (target,)
+            for row in self._sql(sql, params):
+                out[(row.system, row.value)] = None
+        return list(out)
 
     def referencing(self, source: str, param: str, target: str, ids: Sequence[str]) -> list[Stored]:
         """The live resources of ``source`` whose ``param`` points at these ids of ``target`` (_revinclude)."""
@@ -149,8 +356,8 @@ class FhirTx:
         sub = select(IX.c.resource_pk).where(IX.c.tenant == self.tenant, IX.c.resource_type == source,
                                              IX.c.param == param, IX.c.system == target,
                                              IX.c.value.in_(list(ids)))
-        rows = self.conn.execute(select(R).where(R.c.tenant == self.tenant, R.c.pk.in_(sub),
-                                                 R.c.deleted == false())).all()
+        # the index rows carry the tenant; the resource is found by primary key
+        rows = self.conn.execute(select(R).where(R.c.pk.in_(sub), R.c.deleted == false())).all()
         return [_stored(r) for r in rows]
 
     # ---- writes ---------------------------------------------------------------------------------------
@@ -159,39 +366,42 @@ class FhirTx:
         """Store a new version as current, append it to history and replace its index rows."""
         pk = self._upsert(rtype, rid, version, last_updated, False, content)
         self._history(rtype, rid, version, last_updated, False, method, content)
-        self.conn.execute(delete(IX).where(IX.c.resource_pk == pk))
-        if values:
-            self.conn.execute(insert(IX), [
-                {"tenant": self.tenant, "resource_type": rtype, "resource_pk": pk, "param": v.param,
-                 "system": v.system, "value": v.value, "exact": v.exact, "low": v.low, "high": v.high}
-                for v in values])
+        if version > 1:  # a new resource has no index rows yet
+            self._sql(_DELETE_INDEX, (pk,))
+        tenant = self.tenant
+        for at in range(0, len(values), _INDEX_ROWS_PER_INSERT):  # multi-row INSERTs: one round trip each
+            chunk = values[at:at + _INDEX_ROWS_PER_INSERT]
+            params: list = []
+            for v in chunk:
+                params += (tenant, rtype, pk, v.param, v.system, v.value, v.exact, v.low, v.high)
+            self._sql(_insert_index(len(chunk)), tuple(params))
 
     def delete(self, rtype: str, rid: str, version: int, last_updated: str) -> None:
         """Mark a resource deleted: a content-less version, no index rows (FHIR R4 3.1.0.7)."""
         pk = self._upsert(rtype, rid, version, last_updated, True, None)
         self._history(rtype, rid, version, last_updated, True, "DELETE", None)
-        self.conn.execute(delete(IX).where(IX.c.resource_pk == pk))
+        self._sql(_DELETE_INDEX, (pk,))
 
     def _upsert(self, rtype, rid, version, last_updated, deleted, content) -> int:
-        values = {"version_id": version, "last_updated": last_updated, "deleted": deleted, "content": content}
-        key = and_(R.c.tenant == self.tenant, R.c.resource_type == rtype, R.c.resource_id == rid)
         if version > 1:
-            done = self.conn.execute(update(R).where(key, R.c.version_id == version - 1).values(**values))
-            if done.rowcount == 1:
-                return self.conn.execute(select(R.c.pk).where(key)).scalar_one()
+            pk = self._sql(_UPDATE_RESOURCE, (version, last_updated, deleted, content, self.tenant, rtype, rid,
+                                              version - 1)).scalar()
+            if pk is not None:
+                return pk
             raise ServerError(ErrorKind.CONFLICT, "concurrent change of the same resource; retry")
-        result = self.conn.execute(insert(R).values(tenant=self.tenant, resource_type=rtype, resource_id=rid,
-                                                    **values))
-        return result.inserted_primary_key[0]
+        return self._sql(_INSERT_RESOURCE, (self.tenant, rtype, rid, version, last_updated, deleted,
+                                            content)).scalar_one()
 
     def _history(self, rtype, rid, version, last_updated, deleted, method, content) -> None:
-        self.conn.execute(insert(H).values(tenant=self.tenant, resource_type=rtype, resource_id=rid,
-                                           version_id=version, last_updated=last_updated, deleted=deleted,
-                                           method=method, content=content))
+        self._sql(_INSERT_HISTORY, (self.tenant, rtype, rid, version, last_updated, deleted, method, content))
 
     # ---- search SQL -----------------------------------------------------------------------------------
     def _matching(self, rtype: str, clauses: list[P.Clause], r):
-        cond = [r.c.tenant == self.tenant, r.c.resource_type == rtype, r.c.deleted == false()]
+        cond = [r.c.deleted == false()]
+        if not any(_narrows(c) for c in clauses):
+            cond += [r.c.tenant == self.tenant, r.c.resource_type == rtype]
+        # else: a ``pk IN (index rows of this tenant and type)`` clause implies tenant and type; leaving them
+        # out lets SQLite look the matches up by primary key instead of scanning all resources of the type
         cond.extend(self._clause(rtype, c, r) for c in clauses)
         return and_(*cond)
 
@@ -200,20 +410,26 @@ class FhirTx:
             return r.c.resource_id.in_([a.code for a in clause.alts])
         if clause.kind == "lastUpdated":
             return or_(*(_date_match(a, r.c.last_updated, r.c.last_updated) for a in clause.alts))
-        ix = IX.alias()
-        # IN (rows of the value index) rather than a correlated EXISTS: uses ix_fhir_index_value
+        # IN (rows of the value index) rather than a correlated EXISTS: uses ix_fhir_index_lookup (covering)
+        having = r.c.pk.in_(self._rows(rtype, clause))
+        if clause.modifier == "missing":
+            return not_(having) if clause.alts[0].code == "true" else having
+        return not_(having) if clause.modifier == "not" else having
+
+    def _rows(self, rtype: str, clause: P.Clause, *, count: bool = False):
+        """SELECT resource_pk (or the count of distinct ones) of the index rows a clause (not _id/_lastUpdated)
+        looks for, before not/missing."""
+        ix = self._alias(IX, "ix")
+        what = func.count(ix.c.resource_pk.distinct()) if count else ix.c.resource_pk
         base = [ix.c.tenant == self.tenant, ix.c.resource_type == rtype, ix.c.param == clause.param]
         if clause.modifier == "missing":
-            having = r.c.pk.in_(select(ix.c.resource_pk).where(*base))
-            return not_(having) if clause.alts[0].code == "true" else having
+            return select(what).where(*base)
         if clause.kind == "chain":
-            r2 = R.alias()
+            r2 = self._alias(R, "r")
             inner = select(r2.c.resource_id).where(self._matching(clause.target, [clause.chain], r2))
-            return r.c.pk.in_(select(ix.c.resource_pk).where(*base, ix.c.system == clause.target,
-                                                             ix.c.value.in_(inner)))
+            return select(what).where(*base, ix.c.system == clause.target, ix.c.value.in_(inner))
         alts = or_(*(self._alt(clause, a, ix) for a in clause.alts))
-        having = r.c.pk.in_(select(ix.c.resource_pk).where(*base, alts))
-        return not_(having) if clause.modifier == "not" else having
+        return select(what).where(*base, alts)
 
     @staticmethod
     def _alt(clause: P.Clause, alt: P.Alt, ix):
@@ -244,13 +460,33 @@ class FhirTx:
             elif key == "_lastUpdated":
                 col = R.c.last_updated
             else:
-                ix = IX.alias()
+                ix = self._alias(IX, "ix")
                 column = ix.c.low if kind == P.DATE else ix.c.value
                 whole = [ix.c.exact.isnot(None)] if kind == P.STRING else []  # not the word-start rows
                 col = select(func.min(column)).where(ix.c.resource_pk == R.c.pk, ix.c.param == key, *whole)
                 col = col.scalar_subquery()
             out.append(col.desc() if desc else col.asc())
         return out
+
+
+@functools.lru_cache(maxsize=256)
+def _named_alias(table, name: str):
+    """One alias object per name: building it (column proxies, events) cost more than running a search."""
+    return table.alias(name)
+
+
+@functools.lru_cache(maxsize=_INDEX_ROWS_PER_INSERT)
+def _insert_index(rows: int) -> str:
+    return f"INSERT INTO fhir_index {_INDEX_COLS} VALUES " + ", ".join([_INDEX_ROW] * rows)
+
+
+def _narrows(clause: P.Clause) -> bool:
+    """True for a clause that becomes ``pk IN (index rows of the tenant and type)``."""
+    if clause.kind in ("id", "lastUpdated") or clause.modifier == "not":
+        return False
+    if clause.modifier == "missing":
+        return clause.alts[0].code != "true"
+    return True
 
 
 def _escape(text: str) -> str:

@@ -57,8 +57,9 @@ class FhirIndex(SQLModel, table=True):
 
     __tablename__ = "fhir_index"
     __table_args__ = (
-        Index("ix_fhir_index_value", "tenant", "resource_type", "param", "value"),
-        Index("ix_fhir_index_resource", "resource_pk"),
+        # covering: a token, reference or string prefix search reads the matching resource_pk from the index alone
+        Index("ix_fhir_index_lookup", "tenant", "resource_type", "param", "value", "system", "resource_pk"),
+        Index("ix_fhir_index_resource", "resource_pk", "param"),
     )
 
     pk: int | None = Field(default=None, primary_key=True)
