@@ -8,6 +8,7 @@ from typing import Annotated
 from urllib.parse import parse_qsl, urlencode
 
 import anyio
+import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
@@ -99,7 +100,10 @@ def _prefer(request: Request) -> dict[str, str]:
 
 
 def _json(body: dict, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    try:
+        data = orjson.dumps(body)  # compact UTF-8, as below, several times faster
+    except TypeError:  # orjson.JSONEncodeError: e.g. an integer beyond 64 bits
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return Response(data, status_code=status, media_type=FHIR_JSON, headers=headers)
 
 

@@ -15,7 +15,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import and_, delete, false, func, insert, not_, or_, select, text, true, update
+import orjson
+from sqlalchemy import and_, false, func, not_, or_, select, text, true
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -70,7 +71,12 @@ class Stored:
 
     def resource(self) -> dict:
         """The resource JSON (with meta as stored)."""
-        return json.loads(self.content) if self.content else {}
+        if not self.content:
+            return {}
+        try:
+            return orjson.loads(self.content)
+        except orjson.JSONDecodeError:  # e.g. an integer beyond 64 bits, which json reads
+            return json.loads(self.content)
 
 
 def _stored(row, method: str = "PUT") -> Stored:
