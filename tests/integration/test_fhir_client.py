@@ -63,13 +63,13 @@ def test_order_directory_and_tasks(fhir, live_server):
 
     # conditional update, then a stale If-Match
     task, created = fhir.resources("Task").search(identifier="urn:t|0").update(
-        fhir.resource("Task", **make_task(f"ServiceRequest/{first.id}", "in-progress", identifier="0")))
+        fhir.resource("Task", **make_task(f"ServiceRequest/{first.id}", "accepted", identifier="0")))
     assert not created and task["meta"]["versionId"] == "2"
-    stale = {**task.serialize(), "status": "completed"}
+    stale = {**task.serialize(), "status": "in-progress"}
     r = httpx.put(f"{live_server.url}/fhir/Task/{task.id}", json=stale,
                   headers={**headers, "If-Match": 'W/"1"'})
     assert r.status_code == 412 and r.json()["resourceType"] == "OperationOutcome"
-    assert fhir.reference("Task", task.id).to_resource()["status"] == "in-progress"
+    assert fhir.reference("Task", task.id).to_resource()["status"] == "accepted"
 
 
 def test_errors_reach_the_client(fhir):
