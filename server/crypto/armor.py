@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import binascii
+import struct
 
 from server.crypto.errors import MalformedPacket
 
@@ -12,6 +13,8 @@ CRC24_POLY = 0x1864CFB
 # well: folding the message into CYCLE-byte chunks with XOR keeps its remainder.
 _CYCLE = 2**23 - 1
 _TABLE_LIMIT = 4096
+LINE = 64                                   # gpg's line length; RFC 4880 allows up to 76
+_LINES = struct.Struct(f"{LINE}s" * 1024)   # cuts 1024 lines per C call
 
 MESSAGE = "MESSAGE"
 PUBLIC_KEY = "PUBLIC KEY BLOCK"
@@ -114,12 +117,20 @@ def armor(kind: str, data: bytes, *, headers: tuple[tuple[str, str], ...] = ()) 
     lines = [f"-----BEGIN PGP {kind}-----".encode()]
     lines += [f"{name}: {value}".encode() for name, value in headers]
     lines.append(b"")
-    body = binascii.b2a_base64(data, newline=False)
-    lines += [body[i:i + 64] for i in range(0, len(body), 64)]
+    lines.append(_wrap(binascii.b2a_base64(data, newline=False)))
     lines.append(b"=" + binascii.b2a_base64(crc24(data).to_bytes(3, "big"), newline=False))
     lines.append(f"-----END PGP {kind}-----".encode())
     lines.append(b"")
     return b"\n".join(lines)
+
+
+def _wrap(text: bytes) -> bytes:
+    """Break base64 text into LINE-column lines without a Python loop per line."""
+    full = len(text) // _LINES.size * _LINES.size
+    blocks = [b"\n".join(group) for group in _LINES.iter_unpack(memoryview(text)[:full])]
+    rest = text[full:]
+    blocks += [b"\n".join(rest[i:i + LINE] for i in range(0, len(rest), LINE))] if rest else []
+    return b"\n".join(blocks)
 
 
 def is_armored(data: bytes) -> bool:
@@ -137,30 +148,32 @@ def dearmor(data: bytes) -> tuple[str, bytes]:
     if not header.endswith(b"-----") or line_end < 0:
         raise MalformedPacket("bad OpenPGP armor header line")
     kind = header[len(b"-----BEGIN PGP "):-5].decode("ascii", "replace")
-    tail = f"-----END PGP {kind}-----".encode()
-    end = data.find(tail, line_end)
+    end = data.find(f"-----END PGP {kind}-----".encode(), line_end)
     if end < 0:
         raise MalformedPacket("OpenPGP armor tail line missing (truncated?)")
-    block = data[line_end + 1:end].replace(b"\r\n", b"\n")
-    blank = block.find(b"\n\n") if not block.startswith(b"\n") else -1
-    if block.startswith(b"\n"):
-        body = block[1:]
-    elif blank >= 0 and all(b":" in line for line in block[:blank].split(b"\n")):
-        body = block[blank + 2:]
-    else:
-        body = block  # no header block, no blank line: tolerated
-    body = body.strip()
+    start = _body_start(data, line_end + 1, end)
+    checksum_at = data.rfind(b"\n=", start - 1, end)
     checksum = None
-    last_nl = body.rfind(b"\n")
-    last = body[last_nl + 1:].strip()
-    if last.startswith(b"="):
-        checksum = last[1:]
-        body = body[:max(last_nl, 0)]
+    if checksum_at >= 0 and data[checksum_at + 2:end].strip() and b"\n" not in data[checksum_at + 2:end].strip():
+        checksum, end = data[checksum_at + 2:end].strip(), checksum_at
     try:
-        binary = binascii.a2b_base64(body)
+        binary = binascii.a2b_base64(memoryview(data)[start:end])  # skips line breaks in C
         expected = binascii.a2b_base64(checksum) if checksum is not None else None
     except binascii.Error as exc:
         raise MalformedPacket("bad base64 in OpenPGP armor") from exc
-    if expected is not None and int.from_bytes(expected, "big") != crc24(binary):
+    if expected is not None and (len(expected) != 3 or int.from_bytes(expected, "big") != crc24(binary)):
         raise MalformedPacket("OpenPGP armor checksum mismatch")
     return kind, binary
+
+
+def _body_start(data: bytes, pos: int, end: int) -> int:
+    """Skip the armor headers ("Key: Value" lines) up to the blank line (RFC 4880 section 6.2)."""
+    while pos < end:
+        line_end = data.find(b"\n", pos, end)
+        line = data[pos:line_end if line_end >= 0 else end].strip()
+        if not line:
+            return line_end + 1 if line_end >= 0 else end
+        if b": " not in line and not line.endswith(b":"):
+            return pos  # no header block (tolerated)
+        pos = line_end + 1 if line_end >= 0 else end
+    return pos

@@ -48,7 +48,7 @@ class Verified:
 
 @dataclass(frozen=True)
 class Decrypted:
-    """A decrypted message whose signature verified."""
+    """A decrypted message whose signature verified; text literal data keeps its CRLF line ends (section 5.9)."""
 
     data: bytes
     filename: bytes
@@ -112,14 +112,19 @@ def encrypt_and_sign(data: bytes, recipients: Sequence[PublicKey | SecretKey], s
     session_key = random_session_key(SymAlgo.AES256)
     prefix = os.urandom(BLOCK)
     prefix += prefix[-2:]
-    mdc = _mdc_hash(prefix, pieces)
+    mdc = MDC_HEADER + _mdc_hash(prefix, pieces)
+    head = b"".join(packet(Tag.PKESK, encrypt_session_key(part, SymAlgo.AES256, session_key)) for part in parts)
+    plain_len = len(prefix) + sum(len(p) for p in pieces) + len(mdc)
+    head += header(Tag.SEIPD, 1 + plain_len) + bytes([SEIPD_VERSION])
+    out = bytearray(len(head) + plain_len + BLOCK)     # update_into wants block size - 1 spare octets
+    out[:len(head)] = head
+    view, pos = memoryview(out), len(head)
     encryptor = _cipher(SymAlgo.AES256, session_key).encryptor()
-    ciphertext = [encryptor.update(prefix)] + [encryptor.update(p) for p in pieces]
-    ciphertext += [encryptor.update(MDC_HEADER + mdc), encryptor.finalize()]
-    length = 1 + sum(len(c) for c in ciphertext)
-    out = [packet(Tag.PKESK, encrypt_session_key(part, SymAlgo.AES256, session_key)) for part in parts]
-    out += [header(Tag.SEIPD, length), bytes([SEIPD_VERSION])] + ciphertext
-    return armor(MESSAGE, b"".join(out))
+    for piece in [prefix, *pieces, mdc]:
+        pos += encryptor.update_into(piece, view[pos:])
+    view.release()
+    del out[pos:]
+    return armor(MESSAGE, out)
 
 
 def _mdc_hash(prefix: bytes, pieces: Sequence[bytes]) -> bytes:
@@ -178,7 +183,9 @@ def _decrypt_seipd(body: memoryview, sym: int, key: bytes) -> memoryview:
     if len(body) < 1 + BLOCK + 2 + 22:
         raise MalformedPacket("truncated encrypted data")
     decryptor = _cipher(sym, key).decryptor()
-    plain = memoryview(decryptor.update(body[1:]) + decryptor.finalize())
+    plain = decryptor.update(body[1:])
+    tail = decryptor.finalize()  # empty: CFB is a stream mode
+    plain = memoryview(plain + tail if tail else plain)
     if plain[BLOCK - 2:BLOCK] != plain[BLOCK:BLOCK + 2]:
         raise TamperedMessage("encrypted data fails the quick check (wrong key or tampered)")
     if plain[-22:-20] != MDC_HEADER:
