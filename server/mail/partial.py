@@ -162,9 +162,9 @@ def join(fragments: list[bytes]) -> bytes:
         if seen.body != entity.body:
             raise MailError(Defect.FRAGMENT_CONFLICT, parameter="number", detail=str(info.number))
     if len(by_number) != total:
-        missing = [k for k in range(1, len(by_number) + 6) if k not in by_number][:5]
+        missing = [k for k in range(1, min(total, len(by_number) + 5) + 1) if k not in by_number][:5]
         raise MailError(Defect.FRAGMENT_MISSING, parameter="number",
-                        detail=f"{total - len(by_number)} of {total}, e.g. {missing}")
+                        detail=f"{total - len(by_number)} of {total}, first {missing}")
     return _merge(by_number[1], b"".join(by_number[k].body for k in range(1, total + 1)))
 
 
