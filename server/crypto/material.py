@@ -257,6 +257,8 @@ def decrypt_session_key(part: KeyPart, private: object, data: bytes | memoryview
             return None
     except (ValueError, IndexError, OverflowError, InvalidUnwrap, MalformedPacket):
         return None
+    if len(plain) < 3:
+        return None
     sym, key, check = plain[0], plain[1:-2], plain[-2:]
     if sym not in SYM_KEY_SIZE or len(key) != SYM_KEY_SIZE[sym] or _checksum(key) != check:
         return None

@@ -385,3 +385,44 @@ def test_detached_signature(alice, mallory, text):
         verify_detached(entity, signature, [mallory])
     with pytest.raises(MalformedPacket):
         verify_detached(entity, signature[:60], [alice])
+
+
+# --- robustness -------------------------------------------------------------------------------------------
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
+    out = bytearray(data)
+    for kind, where, value in edits:
+        if not out:
+            break
+        where %= len(out)
+        if kind == 0:
+            out[where] = value
+        elif kind == 1:
+            del out[where:]
+        else:
+            out[where:where] = bytes([value])
+    return bytes(out)
+
+
+EDITS = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4)
+
+
+@given(EDITS, st.sampled_from(["message", "inner", "public", "secret", "signature"]))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_damaged_input_raises_only_openpgp_errors(alice, bob, edits, target):
+    """Whatever the damage, the caller sees an OpenPGPError (never IndexError & co.) or verified data."""
+    from server.crypto import OpenPGPError
+    samples = {
+        "message": lambda: decrypt_and_verify(_mutate(_binary(encrypt_and_sign(b"x" * 300, [bob], alice)), edits),
+                                              [bob], [alice]),
+        "inner": lambda: decrypt_and_verify(_seal(_mutate(_signed_literal(b"y" * 300, alice), edits), bob),
+                                            [bob], [alice]),
+        "public": lambda: import_public_key(_mutate(_binary(export_public_key(bob)), edits)),
+        "secret": lambda: import_secret_key(_mutate(_binary(export_secret_key(bob)), edits)),
+        "signature": lambda: verify_detached(b"z", _mutate(_binary(sign_detached(b"z", alice)), edits), [alice]),
+    }
+    try:
+        samples[target]()
+    except OpenPGPError:
+        pass
