@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     subscription_timeout_seconds: float = Field(default=10.0, gt=0, description="HTTP timeout of one notification")
     subscription_lease_seconds: float = Field(default=60.0, gt=0, description="lease of a delivery being sent")
     subscription_batch: int = Field(default=32, ge=1, description="deliveries leased and sent at once")
+    subscription_keep_seconds: float = Field(default=7 * 86400, gt=0,
+                                             description="how long delivered notifications are kept")
 
     @property
     def resolved_database_url(self) -> str:

@@ -36,6 +36,7 @@ log = logging.getLogger("server.subscriptions")
 
 #: The scope of the server's own writes of Subscription status (not a client's token).
 SERVER_SCOPES = frozenset({"system/Subscription.cruds"})
+PURGE_EVERY = 3600.0  # seconds between purges of old delivered/cancelled deliveries
 
 
 @functools.lru_cache(maxsize=1024)
@@ -98,6 +99,7 @@ class DeliveryWorker:
         self.fhir = fhir
         self.queue = queue
         self.clock = clock
+        self._next_purge = 0.0
 
     async def run(self) -> None:
         """Poll the queue until cancelled; a failing round is logged once and the loop goes on."""
@@ -112,7 +114,15 @@ class DeliveryWorker:
                 if not busy:
                     await anyio.sleep(await anyio.to_thread.run_sync(self._idle_wait))
 
+    def _maintain(self) -> None:
+        """At most once per ``PURGE_EVERY`` seconds: forget deliveries older than ``subscription_keep_seconds``."""
+        now = self.clock()
+        if now >= self._next_purge:
+            self._next_purge = now + PURGE_EVERY
+            self.queue.purge(now - self.settings.subscription_keep_seconds)
+
     def _idle_wait(self) -> float:
+        self._maintain()
         poll = self.settings.subscription_poll_seconds
         due = self.queue.next_due()
         if due is None:

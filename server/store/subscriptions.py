@@ -160,3 +160,9 @@ class DeliveryQueue:
                 out.append(Delivery(**{**claimed.__dict__, "attempts": row.attempts + 1,
                                        "run_after": now + lease}))
         return out
+
+    def purge(self, before: float) -> int:
+        """Delete delivered and cancelled deliveries created before ``before`` (dead ones stay visible)."""
+        with writer(self.engine).begin() as conn:
+            done = conn.execute(delete(D).where(D.c.state.in_([DELIVERED, CANCELLED]), D.c.created < before))
+        return done.rowcount

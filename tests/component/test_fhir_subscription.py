@@ -312,3 +312,17 @@ def test_concurrent_leases_never_overlap(app, client, h, orgs):
         t.join(timeout=60)
     every = [pk for g in got for pk in g]
     assert len(every) == len(set(every)) == 12
+
+
+def test_purge_keeps_dead_and_recent(app, client, h, orgs):
+    post(client, h, subscription("Task"))
+    post(client, h, task())
+    post(client, h, task())
+    queue = store.DeliveryQueue(app.state.engine)
+    first, second = queue.claim(10**10, limit=5, lease=60, statuses=sub.LISTENING)
+    with app.state.fhir.store.transaction("site-a", write=True) as tx:
+        store.finish(tx, first.pk, state=store.DELIVERED)
+        store.finish(tx, second.pk, state=store.DEAD, error="gone")
+    assert queue.purge(0) == 0
+    assert queue.purge(10**10) == 1
+    assert [d.state for d in queued(app)] == ["dead"]
