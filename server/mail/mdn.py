@@ -47,6 +47,7 @@ MODE = "automatic-action/MDN-sent-automatically"  # RFC 3798 3.2.6.1: a gateway 
 _POSITIVE = frozenset({"displayed", "processed", "dispatched"})  # RFC 3798 3.2.6.2 (+ RFC 8098)
 _REFUSED = frozenset({"deleted", "denied", "failed"})  # "denied", "failed": RFC 2298 3.2.6.2, still seen
 _COMMENT = re.compile(r"\([^()]*\)")
+_MAX_FIELD_TEXT = 500  # keeps every folded line of the field far below 998 (RFC 5322 2.1.1)
 _GERMAN = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "Ä": "Ae", "Ö": "Oe", "Ü": "Ue", "ß": "ss"})
 
 
@@ -204,9 +205,11 @@ def _report_part(original: Outer, disposition: Disposition, reporting_ua: str, f
 
 
 def _ascii(text: str) -> str:
-    """Text for a 7bit report field: one line, umlauts transliterated, other non-ASCII dropped (RFC 3798 3.1.1)."""
-    flat = " ".join(text.split()).translate(_GERMAN)
-    return unicodedata.normalize("NFKD", flat).encode("ascii", "ignore").decode("ascii") or "-"
+    """Text for a 7bit report field: one printable line, umlauts transliterated, other non-ASCII dropped, cut to
+    500 characters (RFC 3798 3.1.1; the full text is in the human-readable part)."""
+    ascii_text = unicodedata.normalize("NFKD", text.translate(_GERMAN)).encode("ascii", "ignore").decode("ascii")
+    printable = "".join(c if c.isprintable() else " " for c in ascii_text)
+    return " ".join(printable.split())[:_MAX_FIELD_TEXT] or "-"
 
 
 def _crlf(data: bytes) -> bytes:
