@@ -374,7 +374,7 @@ _printable = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_siz
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=st.binary(max_size=5000), set_id=_printable, total=st.integers(1, 10_000), data=st.data(),
-       subject=st.text(max_size=120).filter(lambda s: "\r" not in s and "\n" not in s),
+       subject=st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=120),
        note=st.none() | st.text(max_size=300), emergency=st.booleans())
 def test_build_parse_round_trip_property(body, set_id, total, data, subject, note, emergency):
     dicom = b"\0" * 128 + b"DICM" + body
@@ -385,6 +385,6 @@ def test_build_parse_round_trip_property(body, set_id, total, data, subject, not
     outer, inner = roundtrip(mail)
     assert inner.dicom == dicom
     assert outer.set == inner.set == drg.SetInfo(set_id, part, total, "1.2.826.0.1.3680043.8.498.2")
-    assert outer.subject == " ".join(subject.split()) or outer.subject == subject.strip()
+    assert " ".join(outer.subject.split()) == " ".join(subject.split())  # folding may change white space only
     assert outer.emergency is inner.emergency is emergency
     assert [p.data.decode() for p in inner.parts] == ([note] if note is not None else [])
