@@ -114,28 +114,30 @@ def crc24(data: bytes) -> int:
 
 def armor(kind: str, data: bytes, *, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
     """Armor ``data`` as ``-----BEGIN PGP <kind>-----`` with 64-column base64 and checksum (RFC 4880 section 6.2)."""
-    lines = [f"-----BEGIN PGP {kind}-----".encode()]
-    lines += [f"{name}: {value}".encode() for name, value in headers]
-    lines.append(b"")
-    lines.append(_wrap(binascii.b2a_base64(data, newline=False)))
-    lines.append(b"=" + binascii.b2a_base64(crc24(data).to_bytes(3, "big"), newline=False))
-    lines.append(f"-----END PGP {kind}-----".encode())
-    lines.append(b"")
-    return b"\n".join(lines)
+    head = [f"-----BEGIN PGP {kind}-----".encode()] + [f"{name}: {value}".encode() for name, value in headers]
+    tail = [b"=" + binascii.b2a_base64(crc24(data).to_bytes(3, "big"), newline=False),
+            f"-----END PGP {kind}-----\n".encode()]
+    return _wrap(binascii.b2a_base64(data, newline=False), head + [b""], tail)
 
 
-def _wrap(text: bytes) -> bytes:
-    """Break base64 text into LINE-column lines without a Python loop per line."""
+def _wrap(text: bytes, head: list[bytes], tail: list[bytes]) -> bytes:
+    """head lines, ``text`` cut into LINE-column lines (1024 lines per C call), tail lines: one join."""
     full = len(text) // _LINES.size * _LINES.size
     blocks = [b"\n".join(group) for group in _LINES.iter_unpack(memoryview(text)[:full])]
-    rest = text[full:]
-    blocks += [b"\n".join(rest[i:i + LINE] for i in range(0, len(rest), LINE))] if rest else []
-    return b"\n".join(blocks)
+    blocks += [text[i:i + LINE] for i in range(full, len(text), LINE)]
+    return b"\n".join(head + blocks + tail)
 
 
 def is_armored(data: bytes) -> bool:
     """True when ``data`` starts (after white space) with an armor header line."""
     return data[:64].lstrip().startswith(b"-----BEGIN PGP ")
+
+
+def armor_kind(data: bytes) -> str | None:
+    """The kind named by the first armor header line ("MESSAGE", "SIGNED MESSAGE", ...), None if there is none."""
+    begin = data.find(b"-----BEGIN PGP ")
+    line_end = data.find(b"-----", begin + 15) if begin >= 0 else -1
+    return data[begin + 15:line_end].decode("ascii", "replace") if line_end >= 0 else None
 
 
 def dearmor(data: bytes) -> tuple[str, bytes]:

@@ -21,7 +21,7 @@ try:  # cryptography >= 43 keeps CFB among the "decrepit" modes
 except ImportError:  # pragma: no cover - cryptography 42
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
-from server.crypto.armor import MESSAGE, SIGNATURE, armor, dearmor, is_armored
+from server.crypto.armor import MESSAGE, SIGNATURE, armor, armor_kind, dearmor, is_armored
 from server.crypto.errors import (BadSignature, MalformedPacket, NotEncrypted, NotSigned,
                                   TamperedMessage, UnknownSender, UnsupportedAlgorithm, WrongRecipientKey)
 from server.crypto.keys import PublicKey, SecretKey, encryption_key, signing_key, verification_keys
@@ -141,12 +141,12 @@ def _binary(data: bytes, expected_kind: str) -> bytes:
     """Dearmor when armored; refuse another armor kind."""
     if not is_armored(data):
         return data
-    kind, binary = dearmor(data)
+    kind = armor_kind(data)
     if kind != expected_kind:
         if expected_kind == MESSAGE:
             raise NotEncrypted(f"expected an encrypted OpenPGP message, got PGP {kind}")
         raise MalformedPacket(f"expected PGP {expected_kind}, got PGP {kind}")
-    return binary
+    return dearmor(data)[1]
 
 
 def _packets(data: bytes | memoryview) -> list[Packet]:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from server.crypto import (BadSignature, TamperedMessage, UnknownSender, decrypt_and_verify, encrypt_and_sign,
-                           export_public_key, export_secret_key, generate_key, import_public_key, import_secret_key,
-                           sign_detached, verify_detached)
+from server.crypto import (BadSignature, NotEncrypted, NotSigned, TamperedMessage, UnknownSender, WrongRecipientKey,
+                           decrypt_and_verify, encrypt_and_sign, export_public_key, export_secret_key, generate_key,
+                           import_public_key, import_secret_key, sign_detached, verify_detached)
 from server.crypto.armor import dearmor
 from server.crypto.packets import PubKeyAlgo
 
@@ -192,6 +192,21 @@ def test_tampered_gpg_message_and_unknown_gpg_signer(gpg, ours, gpg_rsa, gpg_ed)
     tampered[-100] ^= 0x20
     with pytest.raises(TamperedMessage):
         decrypt_and_verify(bytes(tampered), [ours], [gpg_rsa])
+
+
+@pytest.mark.parametrize("operation, error", [
+    (["--encrypt"], NotSigned),
+    (["--sign"], NotEncrypted),
+    (["--armor", "--sign"], NotEncrypted),
+    (["--clearsign"], NotEncrypted),
+    (["--armor", "--detach-sign"], NotEncrypted),
+    (["--passphrase", "not-a-key", "--symmetric"], WrongRecipientKey),
+])
+def test_gpg_messages_we_refuse(gpg, ours, gpg_rsa, operation, error):
+    message = gpg.run("--local-user", RSA_UID, "--recipient", ours.fingerprint, *operation,
+                      data=b"DICOM data\n").stdout
+    with pytest.raises(error):
+        decrypt_and_verify(message, [ours], [gpg_rsa])
 
 
 @pytest.mark.parametrize("signer_uid", [RSA_UID, ED_UID], ids=["rsa", "ed25519"])
