@@ -260,12 +260,14 @@ def _outer_header(*, sender: str, recipient: str, mdn_to: str, info: SetInfo, fl
     bad = [n for n in extra if n.lower() in _RESERVED or n.lower().startswith("content-")]
     if bad:
         raise ServerError(ErrorKind.INVALID, f"extra header {bad[0]} is set by the builder", parameter=bad[0])
-    mid = msg_id(message_id) if message_id else new_msg_id(address(sender) or sender)
+    mid = msg_id(message_id) if message_id is not None else new_msg_id(address(sender) or sender)
+    if mid is None:
+        raise ServerError(ErrorKind.INVALID, "not a Message-ID", parameter="message_id")
     date = format_datetime(now or datetime.now(timezone.utc))
     return b"".join([
         text_header("From", sender), text_header("To", recipient), header("Date", date), header(DNT, mdn_to),
         info.render(), flags, *(header(n, v) for n, v in extra.items()),
-        header("Message-ID", mid or ""), text_header("Subject", subject), header("MIME-Version", "1.0"),
+        header("Message-ID", mid), text_header("Subject", subject), header("MIME-Version", "1.0"),
     ])
 
 

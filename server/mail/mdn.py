@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 
 from server.dicomweb.multipart import new_boundary
+from server.errors import ErrorKind
 from server.mail.drg import Outer, SetInfo, set_info
 from server.mail.mime import (
     CRLF,
@@ -85,6 +86,32 @@ OUTCOME = {
     Disposition.ERROR: Outcome.FAILED_RETRY,
     Disposition.DELETED: Outcome.FAILED_FINAL,
 }
+
+# The MDN edge's error table (DESIGN.md 5): why a received mail failed -> the receipt the sender gets.
+# ERROR ("deleted/error") where a later resend can succeed, DELETED ("deleted") where it cannot.
+DISPOSITION_BY_KIND: dict[ErrorKind, Disposition] = {
+    ErrorKind.INVALID: Disposition.DELETED,
+    ErrorKind.UNSUPPORTED: Disposition.DELETED,
+    ErrorKind.NOT_ACCEPTABLE: Disposition.DELETED,
+    ErrorKind.NOT_FOUND: Disposition.DELETED,  # no such recipient/tenant here
+    ErrorKind.CONFLICT: Disposition.DELETED,  # e.g. same SOP Instance UID with other bytes
+    ErrorKind.UNAUTHENTICATED: Disposition.ERROR,  # sender key not (yet) in the directory: resend after provisioning
+    ErrorKind.FORBIDDEN: Disposition.DELETED,
+    ErrorKind.TOO_LARGE: Disposition.DELETED,
+    ErrorKind.SECURITY: Disposition.DELETED,  # bad signature, tampering: never imported (DESIGN.md 4)
+    ErrorKind.UPSTREAM: Disposition.ERROR,
+    ErrorKind.TIMEOUT: Disposition.ERROR,
+    ErrorKind.INTERNAL: Disposition.ERROR,
+    ErrorKind.RESOURCES: Disposition.ERROR,  # disk full: resend later
+}
+
+
+def disposition_for(kind: ErrorKind | None, *, warning: bool = False) -> Disposition:
+    """The receipt for one received mail: stored (with or without warnings) or the failure's table entry."""
+    if kind is None:
+        return Disposition.WARNING if warning else Disposition.DISPLAYED
+    return DISPOSITION_BY_KIND[kind]
+
 
 # (German, English) sentence for the human-readable part, RFC 3798 3: "explain the MDN to a human"
 _TEXT = {

@@ -10,6 +10,7 @@ import pytest
 from server.dicomweb.status import FAILURE_BY_KIND, HTTP_STATUS_BY_KIND
 from server.errors import ErrorKind
 from server.fhir.outcome import FHIR_BY_KIND
+from server.mail.mdn import DISPOSITION_BY_KIND
 
 ROOT = Path(__file__).resolve().parents[2] / "server"
 CORES = ["dicom", "dicomweb/multipart.py", "dicomweb/media.py", "dicomweb/status.py", "dicomweb/qido.py",
@@ -57,7 +58,7 @@ def test_search_service_uses_sessions_only():
     assert "select(" not in text and "text(" not in text
 
 
-@pytest.mark.parametrize("table", [HTTP_STATUS_BY_KIND, FAILURE_BY_KIND, FHIR_BY_KIND],
-                         ids=["http", "stow-failure", "fhir"])
+@pytest.mark.parametrize("table", [HTTP_STATUS_BY_KIND, FAILURE_BY_KIND, FHIR_BY_KIND, DISPOSITION_BY_KIND],
+                         ids=["http", "stow-failure", "fhir", "mdn-disposition"])
 def test_every_error_kind_is_mapped(table):
     assert set(table) == set(ErrorKind)

@@ -199,6 +199,7 @@ def test_bare_lf_mail_is_canonicalised():
     ({"recipient": "x@y.example\r\nBcc: z@evil.example"}, "recipient"),
     ({"mdn_to": ""}, "mdn_to"),
     ({"sop_instance_uid": "../../etc/passwd"}, "sop_instance_uid"),
+    ({"message_id": "   "}, "message_id"),
 ])
 def test_builder_refuses_bad_arguments(kw, parameter):
     with pytest.raises(ServerError) as info:

@@ -221,3 +221,12 @@ def test_any_text_builds_a_valid_mdn(original, text, disposition):
     assert split_entity(raw).get("in-reply-to") == original.message_id
     if text.strip():
         assert " ".join(text.split()) in " ".join(parsed.text.split())
+
+
+def test_error_kinds_map_to_receipts():
+    assert mdn.disposition_for(None) is Disposition.DISPLAYED
+    assert mdn.disposition_for(None, warning=True) is Disposition.WARNING
+    assert mdn.disposition_for(ErrorKind.INVALID) is Disposition.DELETED
+    assert mdn.disposition_for(ErrorKind.SECURITY) is Disposition.DELETED
+    assert mdn.disposition_for(ErrorKind.RESOURCES) is Disposition.ERROR
+    assert set(mdn.DISPOSITION_BY_KIND) == set(ErrorKind)
