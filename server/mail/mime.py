@@ -137,6 +137,7 @@ def parse_fields(head: bytes) -> tuple[Field, ...]:
             fields[-1][1].append(line)
             continue
         name, colon, _ = line.partition(b":")
+        name = name.rstrip(b" \t")  # RFC 5322 4.5.3 obsolete syntax: white space before the colon
         if not colon or not _NAME.match(name.decode("latin-1")):
             raise MailError(Defect.HEADER_SYNTAX, detail=line[:40].decode("latin-1", "replace"))
         fields.append((name.decode("ascii").lower(), [line]))
@@ -246,7 +247,7 @@ def text_header(name: str, value: str) -> bytes:
 
 
 def params_header(name: str, value: str, params: dict[str, str]) -> bytes:
-    """A header with parameters (tokens bare, others quoted), one per folded line when long. RFC 2045 5.1, 5322 2.2.3."""
+    """A header with parameters (tokens bare, others quoted), one per line when long. RFC 2045 5.1, RFC 5322 2.2.3."""
     for key, val in params.items():
         if '"' in val or "\\" in val or not val.isascii():
             raise ServerError(ErrorKind.INVALID, f"invalid {name} parameter {key}", parameter=name)

@@ -183,6 +183,11 @@ def test_all_lines_crlf_ascii_and_folded():
     assert reparsed["Subject"] == subject
 
 
+def test_obsolete_white_space_before_the_colon_is_read():
+    mail = build().replace(b"X-TELEMEDICINE-SETID:", b"X-TELEMEDICINE-SETID :", 1)
+    assert drg.parse_outer(mail).set.set_id == "SET-0001"
+
+
 def test_bare_lf_mail_is_canonicalised():
     data = sample_bytes("CT_small.dcm")
     mail = build(data).replace(b"\r\n", b"\n")

@@ -1,4 +1,4 @@
-"""RFC 2046 5.2.2 message/partial: split at line ends within a size limit, join in any order (server/mail/partial.py)."""
+"""RFC 2046 5.2.2 message/partial: split at line ends within a limit, join in any order (server/mail/partial.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RFC 3798 / RFC 8098 receipts: build for each DRG disposition, parse the variants other gateways send (server/mail/mdn.py)."""
+"""RFC 3798 / RFC 8098 receipts: build each DRG disposition, parse other gateways' variants (server/mail/mdn.py)."""
 
 from __future__ import annotations
 
