@@ -40,7 +40,7 @@ PARTIAL_TYPE = "message/partial"
 # RFC 2046 5.2.2 (2): fields taken from the encapsulated message, not from the enclosing fragment
 SPECIAL = frozenset({"subject", "message-id", "encrypted", "mime-version"})
 _DIGITS = re.compile(r"^[0-9]{1,9}$")
-_MAX_ROUNDS = 8
+_MAX_ROUNDS = 16
 
 
 class Fragment(NamedTuple):
@@ -86,20 +86,19 @@ def split(raw_mail: bytes, max_bytes: int) -> list[bytes]:
         return [raw]
     entity = split_entity(raw)
     sender = address(entity.get("from")) or "localhost"
-    template = _Template(entity, f"{new_msg_id(sender)[1:-1]}", sender)
-    total, capacity = 1, 0
+    template = _Template(entity, new_msg_id(sender)[1:-1], sender)
+    total, margin = 1, 0
     for _ in range(_MAX_ROUNDS):
-        capacity = max_bytes - len(template.header(total, total)) - len(CRLF)
-        chunks = _cut(raw, capacity)
-        if len(chunks) == total:
-            break
-        total = len(chunks)
-    else:  # pragma: no cover - the count converges within a few rounds for any sane limit
-        raise ServerError(ErrorKind.INTERNAL, "message/partial fragment count did not converge")
-    fragments = [template.header(i, total) + CRLF + chunk for i, chunk in enumerate(chunks, 1)]
-    if any(len(f) > max_bytes for f in fragments):  # pragma: no cover - header(i) never outgrows header(total)
-        raise ServerError(ErrorKind.INTERNAL, "message/partial fragment over the size limit")
-    return fragments
+        chunks = _cut(raw, max_bytes - len(template.header(total, total)) - len(CRLF) - margin)
+        if len(chunks) != total:  # the count changes the header's digits: size again
+            total = len(chunks)
+            continue
+        fragments = [template.header(i, total) + CRLF + chunk for i, chunk in enumerate(chunks, 1)]
+        excess = max(len(f) for f in fragments) - max_bytes
+        if excess <= 0:
+            return fragments
+        margin += excess  # a header that folds differently: leave that much more room
+    raise ServerError(ErrorKind.INTERNAL, "message/partial fragment sizes did not converge")
 
 
 class _Template:
