@@ -228,6 +228,10 @@ def build_inner(dicom: bytes, filename: str, info: SetInfo, parts: Sequence[Part
 
 def _render_part(part: Part) -> tuple[bytes, bytes]:
     """Header and base64 body of one extra part (base64 keeps the signed entity 7bit, RFC 3156 3)."""
+    if _is_dicom(Entity((Field("content-type", part.content_type, b""),
+                         Field("content-disposition", f'attachment; filename="{part.filename or ""}"', b"")), b"")):
+        raise ServerError(ErrorKind.INVALID, "one DICOM file per mail: extra parts must not be DICOM",
+                          parameter="parts")
     params = {"charset": part.charset} if part.charset else {}
     if part.filename:
         params["name"] = part.filename

@@ -212,6 +212,15 @@ def test_builder_refuses_bad_arguments(kw, parameter):
     assert info.value.kind is ErrorKind.INVALID and info.value.parameter == parameter
 
 
+@pytest.mark.parametrize("part", [drg.Part("application/dicom", make_instance()),
+                                  drg.Part("application/octet-stream", make_instance(), filename="second.DCM"),
+                                  drg.Part("application/pdf", b"%PDF", filename='a"b.pdf')])
+def test_builder_refuses_a_second_dicom_part_and_bad_names(part):
+    with pytest.raises(ServerError) as info:
+        build(parts=[part])
+    assert info.value.kind is ErrorKind.INVALID
+
+
 def test_builder_refuses_non_dicom_and_bad_encrypt_output():
     assert defect_of(build, b"not a dicom file" * 20).defect is Defect.NOT_DICOM
     with pytest.raises(ServerError) as info:
