@@ -228,8 +228,7 @@ def build_inner(dicom: bytes, filename: str, info: SetInfo, parts: Sequence[Part
 
 def _render_part(part: Part) -> tuple[bytes, bytes]:
     """Header and base64 body of one extra part (base64 keeps the signed entity 7bit, RFC 3156 3)."""
-    if _is_dicom(Entity((Field("content-type", part.content_type, b""),
-                         Field("content-disposition", f'attachment; filename="{part.filename or ""}"', b"")), b"")):
+    if _dicom_like(content_type(part.content_type)[0], part.filename):
         raise ServerError(ErrorKind.INVALID, "one DICOM file per mail: extra parts must not be DICOM",
                           parameter="parts")
     params = {"charset": part.charset} if part.charset else {}
@@ -391,12 +390,15 @@ def parse_inner(plaintext: bytes) -> Inner:
 
 
 def _is_dicom(part: Entity) -> bool:
+    """Whether a received part carries the DICOM file."""
+    return _dicom_like(content_type(part.get("content-type"))[0], _filename(part))
+
+
+def _dicom_like(ctype: str, filename: str | None) -> bool:
     """application/dicom, or application/octet-stream named *.dcm (tolerated from older gateways)."""
-    ctype = content_type(part.get("content-type"))[0]
     if ctype == DICOM_TYPE:
         return True
-    name = _filename(part)
-    return ctype == "application/octet-stream" and name is not None and name.lower().endswith(".dcm")
+    return ctype == "application/octet-stream" and (filename or "").lower().endswith(".dcm")
 
 
 def _dicom_bytes(part: Entity) -> bytes:
