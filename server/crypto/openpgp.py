@@ -248,7 +248,11 @@ def _verify(sigs: list[Signature], data: bytes | memoryview, known: Sequence[Pub
         created = sig.created
         if sig.expires_after is not None and time.time() >= created + sig.expires_after:
             raise BadSignature("signature expired")
-        for problem in (key.public().primary.problem(created), use.problem(created)):
+        now = int(time.time())
+        for problem in (key.public().primary.problem(at) for at in (created, now)):
+            if problem is not None:  # valid when signed and still valid now (no backdating an expired key)
+                raise problem
+        for problem in (use.problem(created), use.problem(now)):
             if problem is not None:
                 raise problem
         result = result or Verified(key.public().fingerprint, datetime.fromtimestamp(created, UTC))

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from server.crypto import (BadSignature, NotEncrypted, NotSigned, TamperedMessage, UnknownSender, WrongRecipientKey,
-                           decrypt_and_verify, encrypt_and_sign, export_public_key, export_secret_key, generate_key,
-                           import_public_key, import_secret_key, sign_detached, verify_detached)
+from server.crypto import (BadSignature, KeyExpired, KeyRevoked, NotEncrypted, NotSigned, TamperedMessage,
+                           UnknownSender, WrongRecipientKey, decrypt_and_verify, encrypt_and_sign, export_public_key,
+                           export_secret_key, generate_key, import_public_key, import_secret_key, sign_detached,
+                           verify_detached)
 from server.crypto.armor import dearmor
 from server.crypto.packets import PubKeyAlgo
 
@@ -248,3 +249,37 @@ def test_gpg_reads_our_public_key_block(gpg, ours, tmp_path):
     finally:
         subprocess.run(["gpgconf", "--homedir", str(other.home), "--kill", "all"], capture_output=True)
         shutil.rmtree(other.home, ignore_errors=True)
+
+
+def test_gpg_expired_and_revoked_keys_are_refused(gpg, ours):
+    expired_uid, revoked_uid = "Gpg Expired <expired@site-f.example>", "Gpg Revoked <revoked@site-g.example>"
+    past = ["--faked-system-time", "20200101T000000!", "--ignore-time-conflict"]
+    gpg.run(*past, "--quick-gen-key", expired_uid, "default", "default", "1d")
+    old_message = gpg.run(*past, "--local-user", expired_uid, "--recipient", expired_uid, "--sign",
+                          "--encrypt", data=b"signed while valid").stdout
+    expired = import_public_key(gpg.run("--armor", "--export", expired_uid).stdout)
+    expired_secret = import_secret_key(gpg.run("--armor", "--export-secret-keys", expired_uid).stdout)
+    with pytest.raises(KeyExpired):
+        encrypt_and_sign(b"x", [expired], ours)
+    with pytest.raises(KeyExpired):  # decrypting still works; the signing key expired since
+        decrypt_and_verify(old_message, [expired_secret], [expired])
+
+    gpg.run("--quick-gen-key", revoked_uid, "default", "default", "never")
+    fingerprint = gpg.fingerprints(revoked_uid)[0]
+    message = gpg.run("--local-user", revoked_uid, "--recipient", ours.fingerprint, "--sign", "--encrypt",
+                      data=b"before revocation").stdout
+    certificate = (gpg.home / "openpgp-revocs.d" / f"{fingerprint}.rev").read_bytes()
+    gpg.run("--import", data=certificate.replace(b":-----BEGIN", b"-----BEGIN"))  # gpg's guard against accidents
+    revoked = import_public_key(gpg.run("--armor", "--export", revoked_uid).stdout)
+    assert revoked.primary.revoked
+    with pytest.raises(KeyRevoked):
+        encrypt_and_sign(b"x", [revoked], ours)
+    with pytest.raises(KeyRevoked):
+        decrypt_and_verify(message, [ours], [revoked])
+
+
+def test_we_sign_with_gpg_made_ed25519_secret_key(gpg, ours):
+    secret = import_secret_key(gpg.run("--armor", "--export-secret-keys", ED_UID).stdout)
+    result = gpg.run("--decrypt", data=encrypt_and_sign(b"ed25519 signed", [ours], secret))
+    assert result.stdout == b"ed25519 signed"
+    assert gpg.status(result, "VALIDSIG")[0][0] == secret.fingerprint

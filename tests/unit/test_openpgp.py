@@ -120,6 +120,9 @@ def test_expired_key_is_refused(alice):
     with pytest.raises(KeyExpired):
         sign_detached(b"x", old)
     assert encryption_key(old, now=old.public().primary.part.created + 5)
+    signed_while_valid = encrypt_and_sign(b"x", [alice], old, now=old.public().primary.part.created + 5)
+    with pytest.raises(KeyExpired):
+        decrypt_and_verify(signed_while_valid, [alice], [old])
 
 
 def _revoked(key):
