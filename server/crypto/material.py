@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature, encode_dss_signature
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
@@ -23,6 +24,23 @@ RSA_ALGOS = frozenset({PubKeyAlgo.RSA, PubKeyAlgo.RSA_ENCRYPT, PubKeyAlgo.RSA_SI
 PREHASH = {HashAlgo.SHA1: hashes.SHA1, HashAlgo.SHA256: hashes.SHA256, HashAlgo.SHA384: hashes.SHA384,
            HashAlgo.SHA512: hashes.SHA512, HashAlgo.SHA224: hashes.SHA224}
 ANONYMOUS_SENDER = b"Anonymous Sender    "                # RFC 6637 section 8
+
+
+@dataclass(frozen=True)
+class ElGamalPublic:
+    """An Elgamal encryption key (p, g, y), which cryptography does not implement (RFC 4880 section 5.5.2)."""
+
+    p: int
+    g: int
+    y: int
+
+
+@dataclass(frozen=True)
+class ElGamalPrivate:
+    """The Elgamal secret exponent x with its public key (RFC 4880 section 5.5.3)."""
+
+    public: ElGamalPublic
+    x: int = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -49,13 +67,13 @@ class KeyPart:
     def can_encrypt(self) -> bool:
         """True for RSA and X25519 ECDH keys, which we can encrypt to."""
         return self.public is not None and self.algorithm in (PubKeyAlgo.RSA, PubKeyAlgo.RSA_ENCRYPT,
-                                                              PubKeyAlgo.ECDH)
+                                                              PubKeyAlgo.ECDH, PubKeyAlgo.ELGAMAL)
 
     @property
     def can_sign(self) -> bool:
         """True for RSA and Ed25519 keys, whose signatures we can verify."""
         return self.public is not None and self.algorithm in (PubKeyAlgo.RSA, PubKeyAlgo.RSA_SIGN,
-                                                              PubKeyAlgo.EDDSA)
+                                                              PubKeyAlgo.EDDSA, PubKeyAlgo.DSA)
 
 
 def hash_material(body: bytes) -> bytes:
@@ -96,6 +114,22 @@ def parse_public(body: bytes | memoryview) -> tuple[KeyPart, int]:
             public = rsa.RSAPublicNumbers(e, n).public_key()
         except ValueError as exc:
             raise MalformedPacket("bad RSA public key") from exc
+    elif algorithm == PubKeyAlgo.DSA:
+        values = []
+        for _ in range(4):
+            value, pos = read_mpi(view, pos)
+            values.append(value)
+        p, q, g, y = values
+        try:
+            public = dsa.DSAPublicNumbers(y, dsa.DSAParameterNumbers(p, q, g)).public_key()
+        except ValueError:
+            public = None  # a DSA size OpenSSL refuses: keep the key, never use it
+    elif algorithm == PubKeyAlgo.ELGAMAL:
+        values = []
+        for _ in range(3):
+            value, pos = read_mpi(view, pos)
+            values.append(value)
+        public = ElGamalPublic(*values) if values[0].bit_length() >= 1024 else None
     elif algorithm in (PubKeyAlgo.EDDSA, PubKeyAlgo.ECDH, PubKeyAlgo.ECDSA):
         oid, pos = _read_oid(view, pos)
         point, pos = read_mpi(view, pos)
@@ -150,6 +184,10 @@ def _private_key(part: KeyPart, values: list[int]) -> object:
             d, p, q, _u = values
             public = part.public.public_numbers()
             return rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), public).private_key()
+        if part.algorithm == PubKeyAlgo.DSA and part.public is not None and len(values) == 1:
+            return dsa.DSAPrivateNumbers(values[0], part.public.public_numbers()).private_key()
+        if part.algorithm == PubKeyAlgo.ELGAMAL and part.public is not None and len(values) == 1:
+            return ElGamalPrivate(part.public, values[0])
         if part.algorithm == PubKeyAlgo.EDDSA and part.public is not None and len(values) == 1:
             return Ed25519PrivateKey.from_private_bytes(values[0].to_bytes(32, "big"))
         if part.algorithm == PubKeyAlgo.ECDH and part.public is not None and len(values) == 1:
@@ -175,13 +213,16 @@ def sign_digest(private: object, algorithm: int, hash_algo: int, digest: bytes) 
     if algorithm == PubKeyAlgo.EDDSA:
         sig = private.sign(digest)
         return mpi_bytes(sig[:32]) + mpi_bytes(sig[32:])
+    if algorithm == PubKeyAlgo.DSA:
+        r, s = decode_dss_signature(private.sign(digest, Prehashed(PREHASH[hash_algo]())))
+        return mpi(r) + mpi(s)
     raise UnsupportedAlgorithm(f"cannot sign with algorithm {algorithm}")
 
 
 def read_signature_values(algorithm: int, data: bytes | memoryview) -> tuple[int, ...]:
     """The algorithm-specific MPIs at the end of a signature packet (RFC 4880 section 5.2.2)."""
     pos, values = 0, []
-    count = 1 if algorithm in RSA_ALGOS else 2
+    count = 1 if algorithm in RSA_ALGOS else 2   # DSA, ECDSA, EdDSA: r and s
     for _ in range(count):
         value, pos = read_mpi(data, pos)
         values.append(value)
@@ -198,6 +239,9 @@ def verify_digest(part: KeyPart, hash_algo: int, digest: bytes, values: tuple[in
             return True
         if part.algorithm == PubKeyAlgo.EDDSA and part.public is not None:
             part.public.verify(values[0].to_bytes(32, "big") + values[1].to_bytes(32, "big"), digest)
+            return True
+        if part.algorithm == PubKeyAlgo.DSA and part.public is not None:
+            part.public.verify(encode_dss_signature(*values), digest, Prehashed(PREHASH[hash_algo]()))
             return True
     except (InvalidSignature, OverflowError, ValueError, IndexError, KeyError):
         return False
@@ -226,6 +270,8 @@ def encrypt_session_key(part: KeyPart, sym: int, key: bytes) -> bytes:
     plain = _session_plain(sym, key)
     if part.algorithm in (PubKeyAlgo.RSA, PubKeyAlgo.RSA_ENCRYPT):
         return head + mpi(int.from_bytes(part.public.encrypt(plain, padding.PKCS1v15()), "big"))
+    if part.algorithm == PubKeyAlgo.ELGAMAL and part.public is not None:
+        return head + _elgamal_encrypt(part.public, plain)
     if part.algorithm == PubKeyAlgo.ECDH and part.public is not None:
         ephemeral = X25519PrivateKey.generate()
         kek = _ecdh_kek(part, ephemeral.exchange(part.public))
@@ -243,6 +289,10 @@ def decrypt_session_key(part: KeyPart, private: object, data: bytes | memoryview
             value, _ = read_mpi(data, 0)
             size = (private.key_size + 7) // 8
             plain = private.decrypt(value.to_bytes(size, "big"), padding.PKCS1v15())
+        elif part.algorithm == PubKeyAlgo.ELGAMAL:
+            plain = _elgamal_decrypt(private, data)
+            if plain is None:
+                return None
         elif part.algorithm == PubKeyAlgo.ECDH:
             value, pos = read_mpi(data, 0)
             size = data[pos]
@@ -263,6 +313,38 @@ def decrypt_session_key(part: KeyPart, private: object, data: bytes | memoryview
     if sym not in SYM_KEY_SIZE or len(key) != SYM_KEY_SIZE[sym] or _checksum(key) != check:
         return None
     return SymAlgo(sym), key
+
+
+def _eme_pkcs1_encode(message: bytes, size: int) -> int:
+    """EME-PKCS1-v1_5 encoding: 00 02 nonzero padding 00 message (RFC 4880 section 13.1.1)."""
+    pad_len = size - len(message) - 3
+    if pad_len < 8:
+        raise UnsupportedAlgorithm("Elgamal key too small")
+    pad = bytearray()
+    while len(pad) < pad_len:
+        pad += os.urandom(pad_len).replace(b"\x00", b"")
+    return int.from_bytes(b"\x00\x02" + bytes(pad[:pad_len]) + b"\x00" + message, "big")
+
+
+def _elgamal_encrypt(key: ElGamalPublic, plain: bytes) -> bytes:
+    """MPIs g^k mod p and m*y^k mod p with a fresh random k (RFC 4880 sections 5.1, 13.1)."""
+    m = _eme_pkcs1_encode(plain, (key.p.bit_length() + 7) // 8)
+    k = secrets.randbelow(key.p - 3) + 2
+    return mpi(pow(key.g, k, key.p)) + mpi(m * pow(key.y, k, key.p) % key.p)
+
+
+def _elgamal_decrypt(private: ElGamalPrivate, data: bytes | memoryview) -> bytes | None:
+    """m = c2 / c1^x mod p, then EME-PKCS1-v1_5 decoding (RFC 4880 sections 5.1, 13.1.2)."""
+    c1, pos = read_mpi(data, 0)
+    c2, _ = read_mpi(data, pos)
+    p = private.public.p
+    if not (1 < c1 < p and 0 < c2 < p):
+        return None
+    encoded = (c2 * pow(c1, p - 1 - private.x, p) % p).to_bytes((p.bit_length() + 7) // 8, "big")
+    separator = encoded.find(b"\x00", 2)
+    if encoded[:2] != b"\x00\x02" or separator < 10:
+        return None
+    return encoded[separator + 1:]
 
 
 def random_session_key(sym: int = SymAlgo.AES256) -> bytes:

@@ -37,6 +37,8 @@ class PubKeyAlgo(enum.IntEnum):
     RSA = 1
     RSA_ENCRYPT = 2
     RSA_SIGN = 3
+    ELGAMAL = 16
+    DSA = 17
     ECDH = 18
     ECDSA = 19
     EDDSA = 22

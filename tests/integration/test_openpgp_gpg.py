@@ -283,3 +283,23 @@ def test_we_sign_with_gpg_made_ed25519_secret_key(gpg, ours):
     result = gpg.run("--decrypt", data=encrypt_and_sign(b"ed25519 signed", [ours], secret))
     assert result.stdout == b"ed25519 signed"
     assert gpg.status(result, "VALIDSIG")[0][0] == secret.fingerprint
+
+
+def test_classic_dsa_elgamal_keys_of_older_sites(gpg, ours):
+    """gpg 1.4-era keys (DSA signing, Elgamal encryption subkey), still found on older DRG sites."""
+    uid = "Old Site <old@site-h.example>"
+    gpg.run("--quick-gen-key", uid, "dsa2048", "sign", "never")
+    gpg.run("--quick-add-key", gpg.fingerprints(uid)[0], "elg2048", "encr", "never")
+    key = import_public_key(gpg.run("--armor", "--export", uid).stdout)
+    assert [use.part.algorithm for use in key.uses] == [PubKeyAlgo.DSA, PubKeyAlgo.ELGAMAL]
+    message = gpg.run("--local-user", uid, "--recipient", ours.fingerprint, "--sign", "--encrypt",
+                      data=b"DSA signed").stdout
+    assert decrypt_and_verify(message, [ours], [key]).signer_fingerprint == key.fingerprint
+    result = gpg.run("--decrypt", data=encrypt_and_sign(b"to Elgamal", [key], ours))
+    assert result.stdout == b"to Elgamal" and gpg.status(result, "VALIDSIG")[0][0] == ours.fingerprint
+    secret = import_secret_key(gpg.run("--armor", "--export-secret-keys", uid).stdout)
+    message = gpg.run("--local-user", ours.fingerprint, "--recipient", uid, "--sign", "--encrypt",
+                      data=b"for the Elgamal secret").stdout
+    assert decrypt_and_verify(message, [secret], [ours]).data == b"for the Elgamal secret"
+    result = gpg.run("--decrypt", data=encrypt_and_sign(b"DSA signed by us", [ours], secret))
+    assert gpg.status(result, "VALIDSIG")[0][0] == key.fingerprint
