@@ -229,7 +229,8 @@ def _canonical_text(data: bytes | memoryview) -> bytes:
     return bytes(data).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
-def _verify(sigs: list[Signature], data: bytes | memoryview, known: Sequence[PublicKey | SecretKey]) -> Verified:
+def _verify(sigs: list[Signature], data: bytes | memoryview, known: Sequence[PublicKey | SecretKey],
+            now: int | None) -> Verified:
     """Require a good signature by a known sender; any failing known signature is BadSignature (section 5.2.4)."""
     if not sigs:
         raise NotSigned()
@@ -246,9 +247,9 @@ def _verify(sigs: list[Signature], data: bytes | memoryview, known: Sequence[Pub
         if not check(sig, use.part, hasher):
             raise BadSignature()
         created = sig.created
-        if sig.expires_after is not None and time.time() >= created + sig.expires_after:
+        now = int(time.time()) if now is None else now
+        if sig.expires_after is not None and now >= created + sig.expires_after:
             raise BadSignature("signature expired")
-        now = int(time.time())
         for problem in (key.public().primary.problem(at) for at in (created, now)):
             if problem is not None:  # valid when signed and still valid now (no backdating an expired key)
                 raise problem
@@ -271,17 +272,20 @@ def _issuer(sig: Signature, known: Sequence[PublicKey | SecretKey]):
 
 
 def _signatures(packets: list[Packet]) -> list[Signature]:
-    sigs = []
+    """The v4 signatures; only unsupported ones (v3, RFC 4880 section 5.2.2) is UnsupportedAlgorithm."""
+    sigs, unsupported = [], None
     for pkt in packets:
         if pkt.tag == Tag.SIGNATURE:
             try:
                 sigs.append(parse_signature(pkt.body))
-            except UnsupportedAlgorithm:
-                continue
+            except UnsupportedAlgorithm as exc:
+                unsupported = exc
+    if not sigs and unsupported is not None:
+        raise unsupported
     return sigs
 
 
-def _open_plaintext(plain: memoryview | bytes, known: Sequence[PublicKey | SecretKey]) -> Decrypted:
+def _open_plaintext(plain: memoryview | bytes, known: Sequence[PublicKey | SecretKey], now: int | None) -> Decrypted:
     """Unpack [compressed] one-pass signatures, literal data, signatures and verify (RFC 4880 section 11.3)."""
     packets = _packets(plain)
     for _ in range(4):
@@ -292,12 +296,12 @@ def _open_plaintext(plain: memoryview | bytes, known: Sequence[PublicKey | Secre
                                  for p in packets):
         raise MalformedPacket("encrypted data is not one signed literal message")
     _format, filename, data = _literal(memoryview(literals[0].body))
-    verified = _verify(_signatures(packets), data, known)
+    verified = _verify(_signatures(packets), data, known, now)
     return Decrypted(bytes(data), filename, verified.signer_fingerprint, verified.signature_time)
 
 
 def decrypt_and_verify(armored_or_binary: bytes, my_keys: Sequence[SecretKey],
-                       known_senders: Sequence[PublicKey | SecretKey]) -> Decrypted:
+                       known_senders: Sequence[PublicKey | SecretKey], *, now: int | None = None) -> Decrypted:
     """Decrypt with one of ``my_keys`` and verify a signature by one of ``known_senders`` (RFC 4880 section 11.3).
 
     Never returns unverified plaintext: every failure raises an OpenPGPError subclass.
@@ -314,7 +318,7 @@ def decrypt_and_verify(armored_or_binary: bytes, my_keys: Sequence[SecretKey],
     sym, key = _open_session([p for p in packets if p.tag == Tag.PKESK], my_keys)
     plain = _decrypt_seipd(memoryview(encrypted[0].body), sym, key)
     try:
-        return _open_plaintext(plain, known_senders)
+        return _open_plaintext(plain, known_senders, now)
     except MalformedPacket as exc:  # after a good MDC, broken inner packets mean a bad sender
         raise MalformedPacket(f"malformed signed content: {exc.message}") from exc
 
@@ -327,12 +331,13 @@ def sign_detached(data: bytes, signer: SecretKey, *, text: bool = False, now: in
     return armor(SIGNATURE, packet(Tag.SIGNATURE, body))
 
 
-def verify_detached(data: bytes, signature: bytes, known_senders: Sequence[PublicKey | SecretKey]) -> Verified:
+def verify_detached(data: bytes, signature: bytes, known_senders: Sequence[PublicKey | SecretKey], *,
+                    now: int | None = None) -> Verified:
     """Verify an armored or binary detached signature over ``data`` (RFC 4880 section 11.4, RFC 3156 section 5)."""
     packets = _packets(_binary(signature, SIGNATURE))
     if not packets or any(p.tag != Tag.SIGNATURE for p in packets):
         raise MalformedPacket("not a detached OpenPGP signature")
-    return _verify(_signatures(packets), data, known_senders)
+    return _verify(_signatures(packets), data, known_senders, now)
 
 
 __all__ = ["Decrypted", "Verified", "encrypt_and_sign", "decrypt_and_verify", "sign_detached", "verify_detached"]

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.crypto import (BadSignature, InvalidKey, KeyExpired, KeyRevoked, MalformedPacket, NotEncrypted,
-                           NotSigned, TamperedMessage, UnknownSender, WrongRecipientKey, decrypt_and_verify,
-                           encrypt_and_sign, encryption_key, export_public_key, export_secret_key, generate_key,
-                           import_public_key, import_secret_key, sign_detached, verify_detached)
+                           NotSigned, TamperedMessage, UnknownSender, UnsupportedAlgorithm, WrongRecipientKey,
+                           decrypt_and_verify, encrypt_and_sign, encryption_key, export_public_key, export_secret_key,
+                           generate_key, import_public_key, import_secret_key, sign_detached, verify_detached)
 from server.crypto.armor import MESSAGE, SIGNATURE, armor, crc24, crc24_reference, dearmor
 from server.crypto.keys import signing_key
 from server.crypto.material import encrypt_session_key, random_session_key
@@ -342,6 +342,23 @@ def test_bad_signature(alice, bob):
     message = _seal(_signed_literal(b"real data", alice, signed_data=b"other data"), bob)
     with pytest.raises(BadSignature):
         decrypt_and_verify(message, [bob], [alice])
+
+
+def test_v3_signature_is_unsupported_not_missing(alice, bob):
+    v3 = packet(Tag.SIGNATURE, bytes([3, 5, 0]) + bytes(4) + bytes(8) + bytes([1, 8]) + b"\0\0" + b"\x00\x08\x01")
+    with pytest.raises(UnsupportedAlgorithm):
+        decrypt_and_verify(_seal(_literal_header(2, b"", 0) + b"hi" + v3, bob), [bob], [alice])
+
+
+def test_signature_checked_against_the_given_time(alice, bob):
+    message = encrypt_and_sign(b"x", [bob], alice)
+    later = int(time.time()) + 3600
+    assert decrypt_and_verify(message, [bob], [alice], now=later).data == b"x"
+    old = generate_key("Short <short@example.org>", bits=2048, expires_in=1800)
+    signed = encrypt_and_sign(b"y", [bob], old)
+    assert decrypt_and_verify(signed, [bob], [old]).data == b"y"
+    with pytest.raises(KeyExpired):
+        decrypt_and_verify(signed, [bob], [old], now=later)
 
 
 def test_no_mdc_is_refused(alice, bob):
