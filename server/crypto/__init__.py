@@ -12,11 +12,11 @@ from server.crypto.errors import (BadSignature, InvalidKey, KeyExpired, KeyRevok
                                   UnsupportedAlgorithm, WrongRecipientKey)
 from server.crypto.keys import (PublicKey, SecretKey, encryption_key, export_public_key, export_secret_key,
                                 generate_key, import_public_key, import_public_keys, import_secret_key)
-from server.crypto.openpgp import (Decrypted, Verified, decrypt_and_verify, encrypt_and_sign, sign_detached,
+from server.crypto.openpgp import (MICALG, Decrypted, Verified, decrypt_and_verify, encrypt_and_sign, sign_detached,
                                    verify_detached)
 
 __all__ = [
-    "BadSignature", "Decrypted", "InvalidKey", "KeyExpired", "KeyRevoked", "KeyUnusable", "MalformedPacket",
+    "MICALG", "BadSignature", "Decrypted", "InvalidKey", "KeyExpired", "KeyRevoked", "KeyUnusable", "MalformedPacket",
     "NotEncrypted", "NotSigned", "OpenPGPError", "PublicKey", "SecretKey", "TamperedMessage", "UnknownSender",
     "UnsupportedAlgorithm", "Verified", "WrongRecipientKey", "decrypt_and_verify", "encrypt_and_sign",
     "encryption_key", "export_public_key", "export_secret_key", "generate_key", "import_public_key",

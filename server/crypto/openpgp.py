@@ -30,6 +30,7 @@ from server.crypto.packets import (SYM_KEY_SIZE, CompressAlgo, HashAlgo, Packet,
                                    packet, read_packets)
 from server.crypto.signatures import Signature, check, make_signature, new_hash, parse_signature
 
+MICALG = "pgp-sha256"               # multipart/signed micalg of our detached signatures (RFC 3156 section 5)
 MDC_HEADER = b"\xd3\x14"            # new-format tag 19, length 20 (RFC 4880 section 5.14)
 SEIPD_VERSION = 1                   # RFC 4880 section 5.13
 BLOCK = 16                          # AES block size
@@ -340,4 +341,4 @@ def verify_detached(data: bytes, signature: bytes, known_senders: Sequence[Publi
     return _verify(_signatures(packets), data, known_senders, now)
 
 
-__all__ = ["Decrypted", "Verified", "encrypt_and_sign", "decrypt_and_verify", "sign_detached", "verify_detached"]
+__all__ = ["MICALG", "Decrypted", "Verified", "encrypt_and_sign", "decrypt_and_verify", "sign_detached", "verify_detached"]

@@ -15,7 +15,7 @@ from server.crypto import (BadSignature, InvalidKey, KeyExpired, KeyRevoked, Mal
                            decrypt_and_verify, encrypt_and_sign, encryption_key, export_public_key, export_secret_key,
                            generate_key, import_public_key, import_secret_key, sign_detached, verify_detached)
 from server.crypto.armor import MESSAGE, SIGNATURE, armor, crc24, crc24_reference, dearmor
-from server.crypto.keys import signing_key
+from server.crypto.keys import import_public_keys, signing_key
 from server.crypto.material import encrypt_session_key, random_session_key
 from server.crypto.openpgp import MDC_HEADER, _cipher, _literal_header, _mdc_hash
 from server.crypto.packets import (CompressAlgo, HashAlgo, KeyFlag, SigType, SymAlgo, Tag, encode_length, header,
@@ -91,6 +91,13 @@ def test_key_export_import_round_trip(alice):
     # S2K usage 0: material stored unencrypted right after the public fields (RFC 4880 section 5.5.3)
     first = next(read_packets(dearmor(secret_block)[1]))
     assert first.tag == Tag.SECRET_KEY and first.body[len(alice.public().primary.part.body)] == 0
+
+
+def test_keyring_with_several_keys(alice, bob):
+    ring = dearmor(export_public_key(alice))[1] + dearmor(export_public_key(bob))[1]
+    assert [k.fingerprint for k in import_public_keys(ring)] == [alice.fingerprint, bob.fingerprint]
+    with pytest.raises(InvalidKey):
+        import_public_key(ring)
 
 
 def test_import_rejects_secret_from_public_block_and_garbage(alice):
