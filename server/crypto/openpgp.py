@@ -341,4 +341,5 @@ def verify_detached(data: bytes, signature: bytes, known_senders: Sequence[Publi
     return _verify(_signatures(packets), data, known_senders, now)
 
 
-__all__ = ["MICALG", "Decrypted", "Verified", "encrypt_and_sign", "decrypt_and_verify", "sign_detached", "verify_detached"]
+__all__ = ["MICALG", "Decrypted", "Verified", "encrypt_and_sign", "decrypt_and_verify", "sign_detached",
+           "verify_detached"]
