@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import dsa, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature, encode_dss_signature
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from server.crypto.errors import MalformedPacket, UnsupportedAlgorithm
 from server.crypto.packets import HASH_NAME, SYM_KEY_SIZE, HashAlgo, PubKeyAlgo, SymAlgo, mpi, mpi_bytes, read_mpi
@@ -24,6 +25,14 @@ RSA_ALGOS = frozenset({PubKeyAlgo.RSA, PubKeyAlgo.RSA_ENCRYPT, PubKeyAlgo.RSA_SI
 PREHASH = {HashAlgo.SHA1: hashes.SHA1, HashAlgo.SHA256: hashes.SHA256, HashAlgo.SHA384: hashes.SHA384,
            HashAlgo.SHA512: hashes.SHA512, HashAlgo.SHA224: hashes.SHA224}
 ANONYMOUS_SENDER = b"Anonymous Sender    "                # RFC 6637 section 8
+EC_CURVES = {                                              # RFC 6637 section 11, RFC 9580 section 9.2
+    bytes.fromhex("2a8648ce3d030107"): ec.SECP256R1,
+    bytes.fromhex("2b81040022"): ec.SECP384R1,
+    bytes.fromhex("2b81040023"): ec.SECP521R1,
+    bytes.fromhex("2b2403030208010107"): ec.BrainpoolP256R1,
+    bytes.fromhex("2b240303020801010b"): ec.BrainpoolP384R1,
+    bytes.fromhex("2b240303020801010d"): ec.BrainpoolP512R1,
+}
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,7 @@ class KeyPart:
     body: bytes
     public: object = field(repr=False)            # cryptography public key, None when unsupported
     kdf: tuple[int, int] | None = None             # ECDH (hash, cipher) of RFC 6637 section 9
+    curve: bytes | None = None                     # curve OID of ECC keys (RFC 6637 section 9)
 
     @property
     def fingerprint(self) -> bytes:
@@ -65,15 +75,15 @@ class KeyPart:
 
     @property
     def can_encrypt(self) -> bool:
-        """True for RSA and X25519 ECDH keys, which we can encrypt to."""
+        """True for RSA, Elgamal and ECDH keys on curves we know, which we can encrypt to."""
         return self.public is not None and self.algorithm in (PubKeyAlgo.RSA, PubKeyAlgo.RSA_ENCRYPT,
                                                               PubKeyAlgo.ECDH, PubKeyAlgo.ELGAMAL)
 
     @property
     def can_sign(self) -> bool:
-        """True for RSA and Ed25519 keys, whose signatures we can verify."""
+        """True for RSA, DSA, ECDSA and Ed25519 keys, whose signatures we can verify."""
         return self.public is not None and self.algorithm in (PubKeyAlgo.RSA, PubKeyAlgo.RSA_SIGN,
-                                                              PubKeyAlgo.EDDSA, PubKeyAlgo.DSA)
+                                                              PubKeyAlgo.EDDSA, PubKeyAlgo.DSA, PubKeyAlgo.ECDSA)
 
 
 def hash_material(body: bytes) -> bytes:
@@ -106,7 +116,7 @@ def parse_public(body: bytes | memoryview) -> tuple[KeyPart, int]:
     algorithm = view[5]
     pos = 6
     public: object = None
-    kdf = None
+    kdf = oid = None
     if algorithm in RSA_ALGOS:
         n, pos = read_mpi(view, pos)
         e, pos = read_mpi(view, pos)
@@ -140,13 +150,24 @@ def parse_public(body: bytes | memoryview) -> tuple[KeyPart, int]:
             pos += 4
             if oid == CV25519_OID:
                 public = X25519PublicKey.from_public_bytes(_point(point))
-        elif algorithm == PubKeyAlgo.EDDSA and oid == ED25519_OID:
+        if algorithm == PubKeyAlgo.EDDSA and oid == ED25519_OID:
             public = Ed25519PublicKey.from_public_bytes(_point(point))
+        elif algorithm in (PubKeyAlgo.ECDH, PubKeyAlgo.ECDSA) and oid in EC_CURVES:
+            public = _ec_public(oid, point)
     else:
         pos = len(view)  # unknown algorithm: keep the packet, never use it
     if pos > len(view):
         raise MalformedPacket("truncated key packet")
-    return KeyPart(algorithm, created, bytes(view[:pos]), public, kdf), pos
+    return KeyPart(algorithm, created, bytes(view[:pos]), public, kdf, oid), pos
+
+
+def _ec_public(oid: bytes, point: int) -> ec.EllipticCurvePublicKey:
+    """A SEC1 uncompressed point (0x04 || x || y) on a named curve (RFC 6637 section 6)."""
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(EC_CURVES[oid](), point.to_bytes(
+            (point.bit_length() + 7) // 8, "big"))
+    except ValueError as exc:
+        raise MalformedPacket("bad elliptic curve point") from exc
 
 
 def rsa_public_body(key: rsa.RSAPublicKey, created: int, algorithm: int = PubKeyAlgo.RSA) -> bytes:
@@ -190,8 +211,10 @@ def _private_key(part: KeyPart, values: list[int]) -> object:
             return ElGamalPrivate(part.public, values[0])
         if part.algorithm == PubKeyAlgo.EDDSA and part.public is not None and len(values) == 1:
             return Ed25519PrivateKey.from_private_bytes(values[0].to_bytes(32, "big"))
-        if part.algorithm == PubKeyAlgo.ECDH and part.public is not None and len(values) == 1:
+        if part.algorithm == PubKeyAlgo.ECDH and part.curve == CV25519_OID and len(values) == 1:
             return X25519PrivateKey.from_private_bytes(values[0].to_bytes(32, "big")[::-1])
+        if part.algorithm in (PubKeyAlgo.ECDH, PubKeyAlgo.ECDSA) and part.public is not None and len(values) == 1:
+            return ec.derive_private_key(values[0], EC_CURVES[part.curve]())
     except (ValueError, OverflowError) as exc:
         raise MalformedPacket("bad secret key material") from exc
     raise UnsupportedAlgorithm(f"unsupported secret key algorithm {part.algorithm}")
@@ -205,6 +228,13 @@ def rsa_secret_body(key: rsa.RSAPrivateKey, public_body: bytes) -> bytes:
     return public_body + b"\x00" + secret + _checksum(secret)
 
 
+def signing_hash(part: KeyPart) -> int:
+    """SHA-256, or SHA-512 for ECDSA curves above 256 bits, which need a hash as long (RFC 6637 section 12)."""
+    if part.algorithm == PubKeyAlgo.ECDSA and part.public.curve.key_size > 256:
+        return HashAlgo.SHA512
+    return HashAlgo.SHA256
+
+
 def sign_digest(private: object, algorithm: int, hash_algo: int, digest: bytes) -> bytes:
     """The signature MPIs over ``digest`` (RFC 4880 section 5.2.2, RFC 9580 section 5.2.3.3)."""
     if algorithm in RSA_ALGOS:
@@ -215,6 +245,9 @@ def sign_digest(private: object, algorithm: int, hash_algo: int, digest: bytes) 
         return mpi_bytes(sig[:32]) + mpi_bytes(sig[32:])
     if algorithm == PubKeyAlgo.DSA:
         r, s = decode_dss_signature(private.sign(digest, Prehashed(PREHASH[hash_algo]())))
+        return mpi(r) + mpi(s)
+    if algorithm == PubKeyAlgo.ECDSA:
+        r, s = decode_dss_signature(private.sign(digest, ec.ECDSA(Prehashed(PREHASH[hash_algo]()))))
         return mpi(r) + mpi(s)
     raise UnsupportedAlgorithm(f"cannot sign with algorithm {algorithm}")
 
@@ -243,6 +276,9 @@ def verify_digest(part: KeyPart, hash_algo: int, digest: bytes, values: tuple[in
         if part.algorithm == PubKeyAlgo.DSA and part.public is not None:
             part.public.verify(encode_dss_signature(*values), digest, Prehashed(PREHASH[hash_algo]()))
             return True
+        if part.algorithm == PubKeyAlgo.ECDSA and part.public is not None:
+            part.public.verify(encode_dss_signature(*values), digest, ec.ECDSA(Prehashed(PREHASH[hash_algo]())))
+            return True
     except (InvalidSignature, OverflowError, ValueError, IndexError, KeyError):
         return False
     return False
@@ -254,11 +290,11 @@ def _session_plain(sym: int, key: bytes) -> bytes:
 
 
 def _ecdh_kek(part: KeyPart, shared: bytes) -> bytes:
-    """KDF(Z, Param) of RFC 6637 sections 7 and 8 for an X25519 recipient."""
+    """KDF(Z, Param) of RFC 6637 sections 7 and 8; Z is the shared x coordinate (native X25519 output)."""
     hash_algo, kek_algo = part.kdf
     if hash_algo not in HASH_NAME or kek_algo not in SYM_KEY_SIZE:
         raise UnsupportedAlgorithm("unsupported ECDH KDF parameters")
-    param = (bytes([len(CV25519_OID)]) + CV25519_OID + bytes([PubKeyAlgo.ECDH, 3, 1, hash_algo, kek_algo])
+    param = (bytes([len(part.curve)]) + part.curve + bytes([PubKeyAlgo.ECDH, 3, 1, hash_algo, kek_algo])
              + ANONYMOUS_SENDER + part.fingerprint)
     digest = hashlib.new(HASH_NAME[hash_algo], b"\x00\x00\x00\x01" + shared + param).digest()
     return digest[:SYM_KEY_SIZE[kek_algo]]
@@ -273,11 +309,16 @@ def encrypt_session_key(part: KeyPart, sym: int, key: bytes) -> bytes:
     if part.algorithm == PubKeyAlgo.ELGAMAL and part.public is not None:
         return head + _elgamal_encrypt(part.public, plain)
     if part.algorithm == PubKeyAlgo.ECDH and part.public is not None:
-        ephemeral = X25519PrivateKey.generate()
-        kek = _ecdh_kek(part, ephemeral.exchange(part.public))
+        if part.curve == CV25519_OID:
+            ephemeral = X25519PrivateKey.generate()
+            shared = ephemeral.exchange(part.public)
+            point = b"\x40" + ephemeral.public_key().public_bytes_raw()
+        else:
+            ephemeral = ec.generate_private_key(part.public.curve)
+            shared = ephemeral.exchange(ec.ECDH(), part.public)
+            point = ephemeral.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
         pad = 8 - len(plain) % 8
-        wrapped = aes_key_wrap(kek, plain + bytes([pad]) * pad)
-        point = b"\x40" + ephemeral.public_key().public_bytes_raw()
+        wrapped = aes_key_wrap(_ecdh_kek(part, shared), plain + bytes([pad]) * pad)
         return head + mpi_bytes(point) + bytes([len(wrapped)]) + wrapped
     raise UnsupportedAlgorithm(f"cannot encrypt to algorithm {part.algorithm}")
 
@@ -297,7 +338,10 @@ def decrypt_session_key(part: KeyPart, private: object, data: bytes | memoryview
             value, pos = read_mpi(data, 0)
             size = data[pos]
             wrapped = bytes(data[pos + 1:pos + 1 + size])
-            shared = private.exchange(X25519PublicKey.from_public_bytes(_point(value)))
+            if part.curve == CV25519_OID:
+                shared = private.exchange(X25519PublicKey.from_public_bytes(_point(value)))
+            else:
+                shared = private.exchange(ec.ECDH(), _ec_public(part.curve, value))
             padded = aes_key_unwrap(_ecdh_kek(part, shared), wrapped)
             pad = padded[-1]
             if not 1 <= pad <= 8 or padded[-pad:] != bytes([pad]) * pad:

@@ -25,7 +25,7 @@ from server.crypto.armor import MESSAGE, SIGNATURE, armor, armor_kind, dearmor, 
 from server.crypto.errors import (BadSignature, MalformedPacket, NotEncrypted, NotSigned,
                                   TamperedMessage, UnknownSender, UnsupportedAlgorithm, WrongRecipientKey)
 from server.crypto.keys import PublicKey, SecretKey, encryption_key, signing_key, verification_keys
-from server.crypto.material import decrypt_session_key, encrypt_session_key, random_session_key
+from server.crypto.material import decrypt_session_key, encrypt_session_key, random_session_key, signing_hash
 from server.crypto.packets import (SYM_KEY_SIZE, CompressAlgo, HashAlgo, Packet, SigType, SymAlgo, Tag, header,
                                    packet, read_packets)
 from server.crypto.signatures import Signature, check, make_signature, new_hash, parse_signature
@@ -80,14 +80,15 @@ def _one_pass(sig_type: int, hash_algo: int, part) -> bytes:
     return packet(Tag.ONE_PASS_SIGNATURE, bytes([3, sig_type, hash_algo, part.algorithm]) + part.key_id + b"\x01")
 
 
-def _sign(data: bytes, signer: SecretKey, sig_type: int, created: int) -> tuple[bytes, object]:
-    """(signature packet body, signing key part) over ``data`` with SHA-256 (RFC 4880 section 5.2.4)."""
+def _sign(data: bytes, signer: SecretKey, sig_type: int, created: int) -> tuple[bytes, object, int]:
+    """(signature packet body, signing key part, hash) over ``data`` (RFC 4880 section 5.2.4)."""
     part, private = signing_key(signer, now=created)
-    hasher = new_hash(HashAlgo.SHA256)
+    hash_algo = signing_hash(part)
+    hasher = new_hash(hash_algo)
     hasher.update(data)
-    body = make_signature(sig_type=sig_type, signer=part, private=private, hash_algo=HashAlgo.SHA256,
+    body = make_signature(sig_type=sig_type, signer=part, private=private, hash_algo=hash_algo,
                           hasher=hasher, created=created)
-    return body, part
+    return body, part, hash_algo
 
 
 def encrypt_and_sign(data: bytes, recipients: Sequence[PublicKey | SecretKey], signer: SecretKey, *,
@@ -102,8 +103,8 @@ def encrypt_and_sign(data: bytes, recipients: Sequence[PublicKey | SecretKey], s
         raise ValueError("at least one recipient is needed")
     created = int(time.time()) if now is None else now
     parts = [encryption_key(r, now=created) for r in recipients]
-    sig_body, sig_part = _sign(data, signer, SigType.BINARY, created)
-    pieces = [_one_pass(SigType.BINARY, HashAlgo.SHA256, sig_part), _literal_header(len(data), filename, created),
+    sig_body, sig_part, hash_algo = _sign(data, signer, SigType.BINARY, created)
+    pieces = [_one_pass(SigType.BINARY, hash_algo, sig_part), _literal_header(len(data), filename, created),
               data, packet(Tag.SIGNATURE, sig_body)]
     if compress and _worth_compressing(data):
         compressor = zlib.compressobj(COMPRESS_LEVEL)
@@ -328,7 +329,7 @@ def sign_detached(data: bytes, signer: SecretKey, *, text: bool = False, now: in
     """Armored detached signature, binary (0x00) or text (0x01) with CRLF canonicalisation (RFC 3156 section 5)."""
     created = int(time.time()) if now is None else now
     sig_type = SigType.TEXT if text else SigType.BINARY
-    body, _part = _sign(_canonical_text(data) if text else data, signer, sig_type, created)
+    body, _part, _hash = _sign(_canonical_text(data) if text else data, signer, sig_type, created)
     return armor(SIGNATURE, packet(Tag.SIGNATURE, body))
 
 

@@ -303,3 +303,23 @@ def test_classic_dsa_elgamal_keys_of_older_sites(gpg, ours):
     assert decrypt_and_verify(message, [secret], [ours]).data == b"for the Elgamal secret"
     result = gpg.run("--decrypt", data=encrypt_and_sign(b"DSA signed by us", [ours], secret))
     assert gpg.status(result, "VALIDSIG")[0][0] == key.fingerprint
+
+
+@pytest.mark.parametrize("curve", ["nistp256", "nistp384", "nistp521", "brainpoolP256r1"])
+def test_ecdsa_ecdh_keys_on_named_curves(gpg, ours, curve):
+    uid = f"Ecc {curve} <{curve.lower()}@site-i.example>"
+    gpg.run("--quick-gen-key", uid, curve, "sign", "never")
+    gpg.run("--quick-add-key", gpg.fingerprints(uid)[0], curve, "encr", "never")
+    key = import_public_key(gpg.run("--armor", "--export", uid).stdout)
+    assert [use.part.algorithm for use in key.uses] == [PubKeyAlgo.ECDSA, PubKeyAlgo.ECDH]
+    message = gpg.run("--local-user", uid, "--recipient", ours.fingerprint, "--sign", "--encrypt",
+                      data=b"ECDSA signed").stdout
+    assert decrypt_and_verify(message, [ours], [key]).signer_fingerprint == key.fingerprint
+    result = gpg.run("--decrypt", data=encrypt_and_sign(b"to ECDH", [key], ours))
+    assert result.stdout == b"to ECDH" and gpg.status(result, "VALIDSIG")[0][0] == ours.fingerprint
+    secret = import_secret_key(gpg.run("--armor", "--export-secret-keys", uid).stdout)
+    message = gpg.run("--local-user", ours.fingerprint, "--recipient", uid, "--sign", "--encrypt",
+                      data=b"for the ECDH secret").stdout
+    assert decrypt_and_verify(message, [secret], [ours]).data == b"for the ECDH secret"
+    result = gpg.run("--decrypt", data=encrypt_and_sign(b"ECDSA signed by us", [ours], secret))
+    assert gpg.status(result, "VALIDSIG")[0][0] == key.fingerprint
