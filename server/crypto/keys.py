@@ -127,6 +127,7 @@ def _expiry(part: KeyPart, sig: Signature) -> int | None:
 class _Group:
     part: KeyPart
     private: object | None
+    packet: bytes                      # the key packet as we store it (secret material unprotected)
     sigs: list[Signature] = field(default_factory=list)
 
 
@@ -137,12 +138,14 @@ def _parse_sig(body) -> Signature | None:
         return None   # RFC 4880 section 11.1: unknown signatures are ignored
 
 
-def _load(packets: list[Packet], secret: bool) -> tuple[PublicKey, tuple[tuple[bytes, object], ...]]:
-    """Check and interpret one transferable key (RFC 4880 sections 11.1, 11.2)."""
+def _load(packets: list[Packet], secret: bool,
+          passphrase: bytes | None = None) -> tuple[PublicKey, tuple[tuple[bytes, object], ...], bytes]:
+    """(public key, private keys, unprotected secret packets) of one transferable key (RFC 4880 11.1, 11.2)."""
     first = packets[0]
     if first.tag not in (Tag.PUBLIC_KEY, Tag.SECRET_KEY) or (secret and first.tag != Tag.SECRET_KEY):
         raise InvalidKey("no OpenPGP " + ("secret" if secret else "public") + " key")
-    primary = _group(first)
+    primary = _group(first, secret, passphrase)
+    secret_packets = [primary.packet]
     direct: list[Signature] = []
     uids: list[tuple[bytes, list[Signature]]] = []
     subs: list[_Group] = []
@@ -150,6 +153,8 @@ def _load(packets: list[Packet], secret: bool) -> tuple[PublicKey, tuple[tuple[b
     current = direct
     for pkt in packets[1:]:
         body = bytes(pkt.body)
+        if pkt.tag != Tag.TRUST and pkt.tag not in (Tag.PUBLIC_SUBKEY, Tag.SECRET_SUBKEY):
+            secret_packets.append(packet(pkt.tag, body))
         if pkt.tag == Tag.SIGNATURE:
             sig = _parse_sig(body)
             if sig is not None:
@@ -159,10 +164,12 @@ def _load(packets: list[Packet], secret: bool) -> tuple[PublicKey, tuple[tuple[b
             current = uids[-1][1]
         elif pkt.tag in (Tag.PUBLIC_SUBKEY, Tag.SECRET_SUBKEY):
             try:
-                subs.append(_group(pkt))
+                subs.append(_group(pkt, secret, passphrase))
             except UnsupportedAlgorithm:
+                secret_packets.append(packet(pkt.tag, body))
                 current = []
                 continue
+            secret_packets.append(subs[-1].packet)
             current = subs[-1].sigs
             public_packets.append(packet(Tag.PUBLIC_SUBKEY, subs[-1].part.body))
             continue
@@ -198,15 +205,16 @@ def _load(packets: list[Packet], secret: bool) -> tuple[PublicKey, tuple[tuple[b
         if sub.private is not None:
             privates.append((sub.part.fingerprint, sub.private))
     key = PublicKey(uses[0], tuple(user_ids), tuple(uses[1:]), b"".join(public_packets))
-    return key, tuple(privates)
+    return key, tuple(privates), b"".join(secret_packets)
 
 
-def _group(pkt: Packet) -> _Group:
-    if pkt.tag in (Tag.SECRET_KEY, Tag.SECRET_SUBKEY):
-        part, private = parse_secret(pkt.body)
-        return _Group(part, private)
+def _group(pkt: Packet, secret: bool, passphrase: bytes | None) -> _Group:
+    """A key packet; secret material is only read (and unprotected) when importing a secret key."""
+    if secret and pkt.tag in (Tag.SECRET_KEY, Tag.SECRET_SUBKEY):
+        part, private, body = parse_secret(pkt.body, passphrase)
+        return _Group(part, private, packet(pkt.tag, body))
     part, _end = parse_public(pkt.body)
-    return _Group(part, None)
+    return _Group(part, None, packet(pkt.tag, bytes(pkt.body)))
 
 
 def _split_keys(data: bytes) -> list[list[Packet]]:
@@ -241,13 +249,17 @@ def import_public_key(data: bytes) -> PublicKey:
     return keys[0]
 
 
-def import_secret_key(data: bytes) -> SecretKey:
-    """One transferable secret key with unprotected material, armored or binary (RFC 4880 section 11.2)."""
+def import_secret_key(data: bytes, *, passphrase: bytes | None = None) -> SecretKey:
+    """One transferable secret key, armored or binary (RFC 4880 section 11.2).
+
+    Material may be plain (S2K usage 0) or AES/S2K passphrase-protected as gpg exports it; the key we keep
+    (and export again) is unprotected. GnuPG stubs (S2K 101, e.g. ``--export-secret-subkeys``) carry no secret.
+    """
     keys = _split_keys(data)
     if len(keys) != 1:
         raise InvalidKey(f"expected one OpenPGP secret key, found {len(keys)}")
-    public, private = _load(keys[0], secret=True)
-    return SecretKey(public, private, b"".join(packet(p.tag, bytes(p.body)) for p in keys[0] if p.tag != Tag.TRUST))
+    public, private, packets = _load(keys[0], secret=True, passphrase=passphrase)
+    return SecretKey(public, private, packets)
 
 
 def export_public_key(key: PublicKey | SecretKey) -> bytes:

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from server.crypto.errors import MalformedPacket, UnsupportedAlgorithm
 from server.crypto.packets import HASH_NAME, SYM_KEY_SIZE, HashAlgo, PubKeyAlgo, SymAlgo, mpi, mpi_bytes, read_mpi
+from server.crypto.s2k import read_protection, unprotect
 
 ED25519_OID = bytes.fromhex("2b06010401da470f01")      # 1.3.6.1.4.1.11591.15.1 (RFC 9580 section 9.2)
 CV25519_OID = bytes.fromhex("2b060104019755010501")    # 1.3.6.1.4.1.3029.1.5.1 (RFC 9580 section 9.2)
@@ -180,22 +181,30 @@ def _checksum(data: bytes | memoryview) -> bytes:
     return (sum(data) & 0xFFFF).to_bytes(2, "big")
 
 
-def parse_secret(body: bytes | memoryview) -> tuple[KeyPart, object]:
-    """(key part, cryptography private key) of an unprotected v4 secret key packet (RFC 4880 section 5.5.3)."""
+def parse_secret(body: bytes | memoryview, passphrase: bytes | None = None) -> tuple[KeyPart, object | None, bytes]:
+    """(key part, private key or None for a gpg stub, unprotected packet body) of a v4 secret key packet.
+
+    Material is plain (S2K usage 0) or protected with an AES/S2K passphrase (usage 254/255), RFC 4880 5.5.3.
+    """
     part, pos = parse_public(body)
     view = memoryview(body)
     if pos >= len(view):
         raise MalformedPacket("truncated secret key packet")
-    if view[pos] != 0:
-        raise UnsupportedAlgorithm("passphrase-protected secret keys are not supported (S2K usage must be 0)")
-    start = pos = pos + 1
-    values = []
-    while pos < len(view) - 2:
-        value, pos = read_mpi(view, pos)
+    if view[pos] == 0:
+        secret, checksum = view[pos + 1:len(view) - 2], bytes(view[len(view) - 2:])
+        if len(view) - pos < 3 or _checksum(secret) != checksum:
+            raise MalformedPacket("secret key checksum mismatch")
+    else:
+        protection, start = read_protection(view, pos)
+        if protection.is_stub:
+            return part, None, bytes(view)
+        secret = unprotect(protection, view[start:], passphrase)
+    values, at = [], 0
+    while at < len(secret):
+        value, at = read_mpi(secret, at)
         values.append(value)
-    if pos != len(view) - 2 or bytes(view[pos:]) != _checksum(view[start:pos]):
-        raise MalformedPacket("secret key checksum mismatch")
-    return part, _private_key(part, values)
+    plain = bytes(secret)
+    return part, _private_key(part, values), part.body + b"\x00" + plain + _checksum(plain)
 
 
 def _private_key(part: KeyPart, values: list[int]) -> object:

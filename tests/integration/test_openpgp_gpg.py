@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from server.crypto import (BadSignature, KeyExpired, KeyRevoked, NotEncrypted, NotSigned, TamperedMessage,
-                           UnknownSender, WrongRecipientKey, decrypt_and_verify, encrypt_and_sign, export_public_key,
-                           export_secret_key, generate_key, import_public_key, import_secret_key, sign_detached,
-                           verify_detached)
+from server.crypto import (BadSignature, InvalidKey, KeyExpired, KeyRevoked, KeyUnusable, NotEncrypted, NotSigned,
+                           TamperedMessage, UnknownSender, WrongRecipientKey, decrypt_and_verify, encrypt_and_sign,
+                           export_public_key, export_secret_key, generate_key, import_public_key, import_secret_key,
+                           sign_detached, verify_detached)
 from server.crypto.armor import dearmor
 from server.crypto.packets import PubKeyAlgo
 
@@ -323,3 +323,25 @@ def test_ecdsa_ecdh_keys_on_named_curves(gpg, ours, curve):
     assert decrypt_and_verify(message, [secret], [ours]).data == b"for the ECDH secret"
     result = gpg.run("--decrypt", data=encrypt_and_sign(b"ECDSA signed by us", [ours], secret))
     assert gpg.status(result, "VALIDSIG")[0][0] == key.fingerprint
+
+
+def test_passphrase_protected_and_subkey_only_secret_exports(gpg, ours):
+    uid, passphrase = "Protected <protected@site-j.example>", "sesam öffne dich"
+    protect = ["--passphrase", passphrase]
+    gpg.run(*protect, "--quick-gen-key", uid, "default", "default", "never")
+    exported = gpg.run(*protect, "--armor", "--export-secret-keys", uid).stdout
+    with pytest.raises(InvalidKey):
+        import_secret_key(exported)
+    with pytest.raises(InvalidKey):
+        import_secret_key(exported, passphrase=b"wrong")
+    key = import_secret_key(exported, passphrase=passphrase.encode())
+    assert import_secret_key(export_secret_key(key)).fingerprint == key.fingerprint   # stored unprotected
+    message = gpg.run("--local-user", ours.fingerprint, "--recipient", uid, "--sign", "--encrypt",
+                      data=b"for the protected key").stdout
+    assert decrypt_and_verify(message, [key], [ours]).data == b"for the protected key"
+    subkeys_only = import_secret_key(gpg.run(*protect, "--armor", "--export-secret-subkeys", uid).stdout,
+                                     passphrase=passphrase.encode())
+    assert len(subkeys_only.private) == 1                      # primary is a gnu-dummy stub (S2K 101)
+    assert decrypt_and_verify(message, [subkeys_only], [ours]).data == b"for the protected key"
+    with pytest.raises(KeyUnusable):
+        sign_detached(b"x", subkeys_only)

@@ -453,3 +453,18 @@ def test_damaged_input_raises_only_openpgp_errors(alice, bob, edits, target):
         samples[target]()
     except OpenPGPError:
         pass
+
+
+# --- passphrase protection (RFC 4880 sections 3.7, 5.5.3) -------------------------------------------------
+
+
+@pytest.mark.parametrize("s2k_type, count", [(0, 0), (1, 0), (3, 1024), (3, 65011712)])
+def test_s2k_derivation(s2k_type, count):
+    import hashlib
+    from server.crypto.s2k import Protection, derive_key
+    salt, passphrase = (b"saltsalt" if s2k_type else b""), b"passphrase"
+    protection = Protection(254, SymAlgo.AES256, s2k_type, HashAlgo.SHA1, salt, count, bytes(16))
+    data = salt + passphrase
+    stream = (data * (count // len(data) + 1))[:count] if s2k_type == 3 else data
+    expected = hashlib.sha1(stream).digest() + hashlib.sha1(b"\0" + stream).digest()
+    assert derive_key(protection, passphrase) == expected[:32]
