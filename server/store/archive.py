@@ -77,6 +77,7 @@ class Archive:
     def _index_batch_once(self, tenant: str, items: Sequence[NewInstance], *, replace: bool) -> list[IndexResult]:
         """Decide each instance's verdict with set-based lookups, then insert the new rows in one statement."""
         results: list[IndexResult] = []
+        touched: set[str] = set()  # studies that gain an instance: their updated_at moves
         with Session(self._writer, expire_on_commit=False) as session:
             existing = self._existing(session, tenant, [i.parsed.sop_instance_uid for i in items])
             studies = self._load(session, Study, Study.study_uid, tenant, {i.parsed.study_uid for i in items})
@@ -126,11 +127,11 @@ class Archive:
                 study.modalities_in_study = _add_value(study.modalities_in_study, series.modality)
                 series.transfer_syntaxes = _add_value(series.transfer_syntaxes, p.transfer_syntax_uid)
                 results.append(IndexResult(Verdict.REPLACED if old is not None else Verdict.STORED))
+                touched.add(p.study_uid)
             self._flush_rows(session, rows)
             now = datetime.now(timezone.utc)
-            for st in studies.values():
-                if st in session.dirty or st in session.new:
-                    st.updated_at = now
+            for uid in touched:
+                studies[uid].updated_at = now
             session.commit()
         return results
 

@@ -2,16 +2,14 @@
 
 A page costs at most four statements, all in one read snapshot: the page of study rows (ordered through
 ``ix_study_tenant_date_time`` or found through the unique (tenant, study_uid), PatientID or AccessionNumber
-indexes), the count when the page does not tell the total, the series of all studies of the page (with the time of
-their newest instance, through ``ix_instance_series``) and their instances (through ``ix_instance_study``).
+indexes), the count when the page does not tell the total, the series of all studies of the page (with their instances (through ``ix_instance_study``).
 Series criteria (modality, series UID) are ``IN`` subqueries on the series indexes. Every statement filters on the
 tenant and binds its values. A patient/subject criterion first resolves the FHIR Patients through
 ``FhirTx.search`` (one more statement on the FHIR index).
 
 Measured (benchmark of 2,500 studies x 3 series x 20 instances per tenant, a loaded machine): a page of 20 studies
 (1,200 instances) takes 10-20 ms on SQLite and about 20 ms on PostgreSQL, mostly building the rows; a search by
-Study Instance UID, Accession Number or PatientID a few ms. ``_lastUpdated`` reads every instance of the tenant's
-studies (see ``_changed``).
+Study Instance UID, Accession Number or PatientID a few ms. ``_lastUpdated`` compares ``study.updated_at``.
 
 The study's ``started`` range (FHIR R4 3.1.1.4.2) is the stored StudyDate + StudyTime padded to the precision of
 the time: ``YYYYMMDD`` + ``HHMMSS.000000`` (low) / ``HHMMSS.999999`` (high), the whole day without a time.
@@ -40,8 +38,6 @@ _STUDY_COLUMNS = [ST.c.id, ST.c.study_uid, ST.c.revision, ST.c.updated_at, ST.c.
                   ST.c.modalities_in_study, ST.c.number_of_series, ST.c.number_of_instances]
 # terms that select few studies through an index (tenant, column): SQLite should start from it
 _SELECTIVE = frozenset({"uid", "accession", "patient"})
-_SERIES_GROUP = [SE.c.id, SE.c.study_pk, SE.c.series_uid, SE.c.series_number, SE.c.modality, SE.c.series_description,
-                 SE.c.body_part_examined, SE.c.series_date, SE.c.series_time, SE.c.number_of_instances]
 _LAST = 2**31 - 1  # series and instances without a number sort last on both backends
 
 
@@ -194,14 +190,8 @@ def _utc(text: str) -> datetime:
 
 
 def _changed():
-    """When the study last changed: its newest instance row (every change of a study stores an instance).
-
-    ``study.updated_at`` would serve (and sort through no subquery) once the archive maintains it: today
-    ``Archive._index_batch_once`` tests ``session.dirty`` after the instance rows were flushed, so it keeps the
-    creation time.
-    """
-    return (select(func.max(INS.c.created_at)).where(INS.c.study_pk == ST.c.id).correlate(ST)
-            .scalar_subquery())
+    """When the study last changed: ``study.updated_at``, moved by the archive whenever an instance is indexed."""
+    return ST.c.updated_at
 
 
 def _updated(t: Term) -> ColumnElement[bool]:
@@ -222,11 +212,8 @@ def _rows(conn: Connection, tenant: str, studies: Sequence) -> list[StudyRow]:
     pks = [s.id for s in studies]
     series_stmt = (
         select(SE.c.id, SE.c.study_pk, SE.c.series_uid, SE.c.series_number, SE.c.modality, SE.c.series_description,
-               SE.c.body_part_examined, SE.c.series_date, SE.c.series_time, SE.c.number_of_instances,
-               func.max(INS.c.created_at).label("changed"))
-        .select_from(SE.join(INS, INS.c.series_pk == SE.c.id))
+               SE.c.body_part_examined, SE.c.series_date, SE.c.series_time, SE.c.number_of_instances)
         .where(_tenant_check(conn, SE, tenant), SE.c.study_pk.in_(pks))
-        .group_by(*_SERIES_GROUP)
         .order_by(SE.c.study_pk, func.coalesce(SE.c.series_number, _LAST), SE.c.id)
     )
     instance_stmt = (
@@ -238,16 +225,13 @@ def _rows(conn: Connection, tenant: str, studies: Sequence) -> list[StudyRow]:
     for series_pk, sop_uid, sop_class_uid, number in conn.execute(instance_stmt).all():
         instances.setdefault(series_pk, []).append(InstanceRow(sop_uid, sop_class_uid, number))
     series: dict[int, list[SeriesRow]] = {}
-    changed: dict[int, datetime] = {}
     for r in conn.execute(series_stmt).all():
         series.setdefault(r.study_pk, []).append(SeriesRow(
             uid=r.series_uid, number=r.series_number, modality=r.modality, description=r.series_description,
             body_part=r.body_part_examined, date=r.series_date, time=r.series_time,
             number_of_instances=r.number_of_instances, instances=tuple(instances.get(r.id, ()))))
-        if r.changed is not None and (r.study_pk not in changed or r.changed > changed[r.study_pk]):
-            changed[r.study_pk] = r.changed
     return [StudyRow(
-        uid=s.study_uid, revision=s.revision, updated=changed.get(s.id, s.updated_at), patient_name=s.patient_name,
+        uid=s.study_uid, revision=s.revision, updated=s.updated_at, patient_name=s.patient_name,
         patient_id=s.patient_id, issuer=s.issuer_of_patient_id, date=s.study_date, time=s.study_time,
         tz_offset=s.timezone_offset_from_utc, accession=s.accession_number, study_id=s.study_id,
         description=s.study_description, referring=s.referring_physician_name, modalities=s.modalities_in_study,

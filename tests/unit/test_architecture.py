@@ -15,7 +15,8 @@ from server.mail.mdn import DISPOSITION_BY_KIND
 ROOT = Path(__file__).resolve().parents[2] / "server"
 CORES = ["dicom", "dicomweb/multipart.py", "dicomweb/media.py", "dicomweb/status.py", "dicomweb/qido.py",
          "errors.py", "config.py", "security/tokens.py", "security/oauth.py",
-         "fhir/profiles.py", "fhir/task.py", "crypto",
+         "fhir/profiles.py", "fhir/task.py",
+         "fhir/subscription.py", "fhir/validation.py", "fhir/params.py", "fhir/imaging.py", "fhir/audit.py", "crypto",
          "mail/mime.py", "mail/drg.py", "mail/partial.py", "mail/mdn.py"]
 EDGE_ONLY = {"fastapi", "starlette", "uvicorn", "aiosmtpd", "httpx"}
 STORE_ONLY = {"sqlmodel", "sqlalchemy", "alembic", "psycopg"}
