@@ -9,8 +9,8 @@ from sqlalchemy.engine import Engine
 
 from server.config import Settings
 from server.fhir.audit import record as record_audit
-from server.fhir.subscription import activate as activate_subscription
 from server.fhir.delivery import SubscriptionListener
+from server.fhir.subscription import activate as activate_subscription
 from server.fhir.validation import check_content
 from server.fhir.imaging import ImagingStudyProjection, Options
 from server.fhir.service import FhirService, Listener, Projection, Validator
