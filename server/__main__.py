@@ -1,4 +1,4 @@
-"""The ``telerad`` command line: serve, token, client, openapi."""
+"""The ``telerad`` command line: serve, token, client, keys, directory, openapi."""
 
 from __future__ import annotations
 
@@ -109,6 +109,63 @@ def _client_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_init(args: argparse.Namespace) -> int:
+    from server.gateway.keys import init_key
+
+    settings = load_settings(data_dir=args.data_dir)
+    key = init_key(settings.data_dir, args.tenant, args.address, name=args.name, bits=args.bits, force=args.force)
+    print(key.fingerprint)
+    return 0
+
+
+def _keys_export(args: argparse.Namespace) -> int:
+    from server.gateway.keys import public_key_text
+
+    settings = load_settings(data_dir=args.data_dir)
+    sys.stdout.write(public_key_text(settings.data_dir, args.tenant))
+    return 0
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    except OSError as exc:
+        raise ServerError(ErrorKind.INVALID, f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def _keys_import(args: argparse.Namespace) -> int:
+    from server.gateway.keys import import_key
+
+    settings = load_settings(data_dir=args.data_dir)
+    passphrase = None
+    if args.passphrase_file is not None:
+        passphrase = _read_bytes(args.passphrase_file, "passphrase file").rstrip(b"\r\n")
+    key = import_key(settings.data_dir, args.tenant, _read_bytes(args.file, "key file"), passphrase=passphrase,
+                     force=args.force)
+    print(key.fingerprint)
+    return 0
+
+
+def _directory_import(args: argparse.Namespace) -> int:
+    from server.fhir.setup import build_service
+    from server.gateway.directory import import_file
+    from server.store.db import make_engine
+    from server.store.migrate import upgrade
+
+    settings = load_settings(data_dir=args.data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        upgrade(engine)
+        report = import_file(build_service(settings, engine), args.tenant, args.file, partial=args.partial)
+    finally:
+        engine.dispose()
+    for error in report.errors:
+        print(f"{args.file}:{error.line}: {error.message}", file=sys.stderr)
+    print(f"created: {report.created}, updated: {report.updated}, failed rows: {len(report.errors)}")
+    return 1 if report.errors else 0
+
+
 def _openapi(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -166,6 +223,36 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("client_id")
     rm.add_argument("--data-dir", type=Path, default=None)
     rm.set_defaults(func=_client_remove)
+    keys = sub.add_parser("keys", help="the OpenPGP key pair of a tenant (DATA_DIR/keys/<tenant>/)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    kinit = keys_sub.add_parser("init", help="generate the tenant's RSA key pair and print its fingerprint")
+    kinit.add_argument("--data-dir", type=Path, default=None)
+    kinit.add_argument("--tenant", required=True)
+    kinit.add_argument("--address", required=True, help="the site's DICOM e-mail address (in the User ID)")
+    kinit.add_argument("--name", default=None, help='the name in the User ID, e.g. "Klinikum Bremen-Mitte"')
+    kinit.add_argument("--bits", type=int, choices=(3072, 4096), default=3072)
+    kinit.add_argument("--force", action="store_true", help="replace an existing key")
+    kinit.set_defaults(func=_keys_init)
+    kexp = keys_sub.add_parser("export", help="print the tenant's armored public key")
+    kexp.add_argument("--data-dir", type=Path, default=None)
+    kexp.add_argument("--tenant", required=True)
+    kexp.set_defaults(func=_keys_export)
+    kimp = keys_sub.add_parser("import", help="import an existing secret key (e.g. gpg --export-secret-keys)")
+    kimp.add_argument("file", type=Path, help="armored or binary secret key ('-' for stdin)")
+    kimp.add_argument("--data-dir", type=Path, default=None)
+    kimp.add_argument("--tenant", required=True)
+    kimp.add_argument("--passphrase-file", type=Path, default=None,
+                      help="file holding the passphrase of a protected key (first line)")
+    kimp.add_argument("--force", action="store_true", help="replace an existing key")
+    kimp.set_defaults(func=_keys_import)
+    directory = sub.add_parser("directory", help="the network directory (Organization, HealthcareService, Endpoint)")
+    dir_sub = directory.add_subparsers(dest="directory_command", required=True)
+    dimp = dir_sub.add_parser("import", help="import a FHIR Bundle (.json) or the operator's site list (.csv)")
+    dimp.add_argument("file", type=Path)
+    dimp.add_argument("--data-dir", type=Path, default=None)
+    dimp.add_argument("--tenant", required=True)
+    dimp.add_argument("--partial", action="store_true", help="import the good rows of a CSV even when others fail")
+    dimp.set_defaults(func=_directory_import)
     openapi = sub.add_parser("openapi", help="write the OpenAPI document")
     openapi.add_argument("--output", default="openapi/openapi.json")
     openapi.set_defaults(func=_openapi)
