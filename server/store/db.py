@@ -13,6 +13,7 @@ from server.store import models  # noqa: F401  (registers the tables)
 from server.store import fhir_models  # noqa: F401  (registers the FHIR tables)
 from server.store import client_models  # noqa: F401  (registers the OAuth client tables)
 from server.store import subscription_models  # noqa: F401  (registers the Subscription tables)
+from server.store import gateway_models  # noqa: F401  (registers the DICOM e-mail gateway tables)
 
 
 def make_engine(url: str) -> Engine:

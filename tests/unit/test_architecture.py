@@ -17,7 +17,8 @@ CORES = ["dicom", "dicomweb/multipart.py", "dicomweb/media.py", "dicomweb/status
          "errors.py", "config.py", "security/tokens.py", "security/oauth.py",
          "fhir/profiles.py", "fhir/task.py",
          "fhir/subscription.py", "fhir/validation.py", "fhir/params.py", "fhir/imaging.py", "fhir/audit.py", "crypto",
-         "mail/mime.py", "mail/drg.py", "mail/partial.py", "mail/mdn.py"]
+         "mail/mime.py", "mail/drg.py", "mail/partial.py", "mail/mdn.py",
+         "gateway/jobs.py"]
 EDGE_ONLY = {"fastapi", "starlette", "uvicorn", "aiosmtpd", "httpx"}
 STORE_ONLY = {"sqlmodel", "sqlalchemy", "alembic", "psycopg"}
 
