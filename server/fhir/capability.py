@@ -34,7 +34,8 @@ def _interactions(rtype: str) -> tuple[str, ...]:
 
 def _resource(rtype: str) -> dict:
     writable = rtype not in READ_ONLY_TYPES
-    refs = sorted(f"{rtype}:{name}" for name, p in PARAMS.get(rtype, {}).items() if p.type == "reference")
+    refs = sorted(f"{rtype}:{name}" for name, p in PARAMS.get(rtype, {}).items()
+                  if p.type == "reference" and rtype != "ImagingStudy")  # a projection has no reference index
     revs = sorted(f"{src}:{name}" for src, table in PARAMS.items() for name, p in table.items()
                   if p.type == "reference" and (not p.targets or rtype in p.targets))
     profiles = sorted(url for url, sd in known_profiles().items()

@@ -112,8 +112,7 @@ PARAMS: dict[str, dict[str, Param]] = {
     "ImagingStudy": {
         "identifier": _ID, "status": _STATUS, "subject": _SUBJ, "patient": _PAT,
         "modality": _p(TOKEN, "series.modality"), "started": _p(DATE, "started"),
-        "series": _p(TOKEN, "series.uid"), "endpoint": _p(REFERENCE, "endpoint", targets=("Endpoint",)),
-        "basedon": _p(REFERENCE, "basedOn"), "referrer": _p(REFERENCE, "referrer"),
+        "series": _p(TOKEN, "series.uid"),
     },
 }
 
