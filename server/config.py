@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.REJECT
     fhir_audit: bool = Field(default=True, description="write an AuditEvent with every FHIR create/update/delete")
     max_stow_bytes: int = Field(default=64 * 1024**3, description="Largest accepted STOW-RS request body")
+    max_fhir_bytes: int = Field(default=64 * 1024**2, gt=0, description="Largest accepted FHIR request body")
     max_part_bytes: int = Field(default=16 * 1024**3, description="Largest accepted DICOM part")
     qido_max_limit: int = Field(default=1000, description="Largest QIDO page; bigger limits are cut")
     qido_default_limit: int = 1000

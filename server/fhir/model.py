@@ -86,8 +86,11 @@ def from_xml(data: bytes) -> dict:
     """The JSON form of a FHIR XML resource (FHIR R4 2.6.1); INVALID for malformed XML or an unknown type."""
     from lxml import etree  # fhir.resources' XML support needs lxml
 
+    def parser():  # no entity expansion, no network, no huge trees (XXE and entity-expansion attacks)
+        return etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, load_dtd=False)
+
     try:
-        root = etree.fromstring(data, parser=etree.XMLParser(resolve_entities=False, no_network=True))
+        root = etree.fromstring(data, parser=parser())
     except etree.XMLSyntaxError as exc:
         raise ServerError(ErrorKind.INVALID, f"malformed XML: {exc}", parameter="Resource") from exc
     rtype = etree.QName(root).localname
@@ -95,7 +98,7 @@ def from_xml(data: bytes) -> dict:
                                                                               "Parameters"):
         raise ServerError(ErrorKind.INVALID, f"unsupported XML root {root.tag!r}", parameter="Resource")
     try:
-        parsed = get_fhir_model_class(rtype).model_validate_xml(data)
+        parsed = get_fhir_model_class(rtype).model_validate_xml(data, xmlparser=parser())
     except (ValidationError, ValueError, TypeError, KeyError) as exc:
         raise ServerError(ErrorKind.INVALID, "invalid XML resource", parameter=rtype) from exc
     return parsed.model_dump(mode="json", exclude_none=True, by_alias=True)

@@ -75,19 +75,38 @@ def _negotiate(request: Request) -> str:
                       "produced", parameter="Accept")
 
 
+async def _read(request: Request) -> bytes:
+    """The request body, refused with TOO_LARGE (413) past ``max_fhir_bytes`` before it is all held in memory."""
+    limit = request.app.state.settings.max_fhir_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ServerError(ErrorKind.TOO_LARGE, f"the body exceeds {limit} bytes", parameter="Content-Length")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServerError(ErrorKind.TOO_LARGE, f"the body exceeds {limit} bytes", parameter="Resource")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _loads(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ServerError(ErrorKind.INVALID, "malformed JSON body", parameter="Resource") from exc
+
+
 async def _body(request: Request) -> object:
-    """The body of a create/update as JSON; 415 for other media types, 400 for malformed JSON or XML."""
+    """The body of a create/update as JSON; 415 for other media types, 400 for malformed JSON or XML, 413 when
+    too large. Parsing runs in a worker thread."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype in XML_TYPES and ctype != "xml":
-        return await _run(from_xml, await request.body())
+        return await _run(from_xml, await _read(request))
     if ctype not in JSON_TYPES:
         raise ServerError(ErrorKind.UNSUPPORTED, f"content type {ctype or 'missing'!r} is not supported; "
                           f"use {FHIR_JSON} or {FHIR_XML}", parameter="Content-Type")
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ServerError(ErrorKind.INVALID, "malformed JSON body", parameter="Resource") from exc
+    return await _run(_loads, await _read(request))
 
 
 def _prefer(request: Request) -> dict[str, str]:
@@ -175,7 +194,7 @@ async def search_post(rtype: str, request: Request, principal: Caller, fhir: Ser
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     form: list[tuple[str, str]] = []
     if ctype == "application/x-www-form-urlencoded":
-        form = parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True)
+        form = parse_qsl((await _read(request)).decode("utf-8", "replace"), keep_blank_values=True)
     elif ctype:
         raise ServerError(ErrorKind.UNSUPPORTED, "_search takes application/x-www-form-urlencoded",
                           parameter="Content-Type")

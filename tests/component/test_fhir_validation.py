@@ -184,3 +184,26 @@ def test_errors_in_xml_when_xml_is_asked(client, h):
     assert b"<OperationOutcome" in r.content and b'<code value="not-found"/>' in r.content
     r = client.get("/fhir/Patient?bogus=1", headers={**h, "Accept": XML})
     assert r.status_code == 400 and b"<OperationOutcome" in r.content
+
+
+def test_oversized_and_hostile_bodies(client, settings, h):
+    limit = settings.max_fhir_bytes
+    big = b'{"resourceType":"Patient","name":[{"text":"' + b"x" * limit + b'"}]}'
+    r = client.post("/fhir/Patient", content=big, headers=h)
+    assert r.status_code == 413 and r.json()["issue"][0]["code"] == "too-costly"
+    r = client.post("/fhir/Patient/_search", content=b"name=" + b"x" * limit,
+                    headers={**h, "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413
+    secret = settings.data_dir / "secret.txt"
+    secret.write_text("top secret")
+    xxe = (f'<?xml version="1.0"?><!DOCTYPE p [<!ENTITY x SYSTEM "file://{secret}">]>'
+           '<Patient xmlns="http://hl7.org/fhir"><name><family value="&x;"/></name></Patient>').encode()
+    r = client.post("/fhir/Patient", content=xxe, headers={**h, "Content-Type": XML})
+    assert b"top secret" not in r.content
+    if r.status_code == 201:
+        assert "top secret" not in client.get(r.headers["location"].rsplit("/_history", 1)[0], headers=h).text
+    else:
+        assert r.status_code == 400
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert client.post("/fhir/Patient", content=deep, headers=h).status_code == 400
+    assert _count(client, h, "Patient") == 1  # only the seeded directory's Patient
