@@ -52,6 +52,40 @@ class Settings(BaseSettings):
     subscription_batch: int = Field(default=32, ge=1, description="deliveries leased and sent at once")
     subscription_keep_seconds: float = Field(default=7 * 86400, gt=0,
                                              description="how long delivered notifications are kept")
+    # DICOM e-mail gateway (DRG @GIT): server/gateway/
+    gateway_worker: bool = Field(default=True, description="run SMTP ingress, mailbox polls and the sender here")
+    smtp_host: str = Field(default="127.0.0.1", description="bind address of the SMTP ingress")
+    smtp_port: int | None = Field(default=None, ge=0, le=65535,
+                                  description="SMTP ingress port; None = off (`telerad serve` defaults to 2525)")
+    smtp_hostname: str = Field(default="localhost", description="our name in the SMTP greeting and in EHLO")
+    smtp_max_bytes: int = Field(default=256 * 1024**2, gt=0, description="largest accepted mail (552 above)")
+    smtp_tls_cert: Path | None = Field(default=None, description="PEM certificate chain: STARTTLS is offered")
+    smtp_tls_key: Path | None = Field(default=None, description="PEM key of smtp_tls_cert")
+    smtp_require_tls: bool = Field(default=False, description="refuse mail before STARTTLS (530)")
+    relay_host: str | None = Field(default=None, description="smarthost for every domain without a route")
+    relay_port: int = Field(default=25, ge=1, le=65535)
+    relay_tls: str = Field(default="starttls", description="none | starttls | implicit")
+    relay_username: str | None = None
+    relay_password: str | None = Field(default=None, repr=False)
+    relay_ca_file: Path | None = Field(default=None, description="trust anchors of relays; default system store")
+    relay_verify_tls: bool = Field(default=True, description="verify relay certificates (never off in production)")
+    relay_timeout_seconds: float = Field(default=60.0, gt=0)
+    mail_routes: str | None = Field(
+        default=None, description="per-domain routes like a transport map: 'b.example=127.0.0.1:2526/none,...'")
+    mailboxes_file: Path | None = Field(default=None, description="JSON list of polled POP3/IMAP mailboxes")
+    mail_subject: str = Field(default="DICOM-eMail", description="subject of instance mails (DRG default)")
+    default_max_mail_size: int = Field(default=20 * 1024**2, gt=1024,
+                                       description="mail size limit of recipients whose Endpoint names none")
+    send_batch: int = Field(default=16, ge=1, description="mails leased per round of the sender")
+    send_concurrency: int = Field(default=4, ge=1, description="mails built and sent at once")
+    send_lease_seconds: float = Field(default=600.0, gt=0, description="lease of a mail being sent")
+    send_retry_base_seconds: float = Field(default=30.0, gt=0, description="first retry delay (doubles)")
+    send_retry_max_seconds: float = Field(default=3600.0, gt=0, description="longest retry delay")
+    send_max_attempts: int = Field(default=10, ge=1, description="tries before a mail fails finally")
+    receipt_timeout_seconds: float = Field(default=6 * 3600.0, gt=0, description="wait for an MDN before resending")
+    incomplete_set_seconds: float = Field(default=24 * 3600.0, gt=0,
+                                          description="an inbound set incomplete this long is reported")
+    gateway_poll_seconds: float = Field(default=1.0, gt=0, description="longest idle wait of the gateway workers")
 
     @property
     def resolved_database_url(self) -> str:
