@@ -5,6 +5,7 @@ DICOM e-mail Endpoint follows our ``dicom-email-endpoint`` profile (profiles/REA
 ``FhirService`` (validation, referential integrity, AuditEvents); no SQL here.
 
     recipient_of(service, tenant, reference)   the Recipient of an Endpoint, HealthcareService or Organization
+    sender_keys(service, tenant, address)      the public keys a mail from ``address`` may be signed with
     parse_csv(text)                            the operator's CSV as SiteRows and RowErrors (pure)
     site_resources(row, armored_key)           Organization + HealthcareService + Endpoint of one row (pure)
     import_bundle / import_csv / import_file   bulk import, one FHIR transaction (all or nothing)
@@ -15,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +26,10 @@ from server.crypto import OpenPGPError, PublicKey, encryption_key, export_public
 from server.errors import ErrorKind, ServerError
 from server.fhir.bundle import BundleProcessor
 from server.fhir.service import FhirService
+from server.gateway.sites import normalize_address
 from server.security.tokens import Principal
+
+log = logging.getLogger(__name__)
 
 BASE = "https://telerad-bridge.de/fhir"
 SD = f"{BASE}/StructureDefinition"
@@ -190,6 +195,42 @@ def recipient_of(service: FhirService, tenant: str, reference: str, *,
     active = [e for e in mail if e.get("status") == "active"]
     return recipient_from_endpoint(active[0] if active else mail[0], default_max_mail_size=default_max_mail_size,
                                    now=now)
+
+
+def sender_keys(service: FhirService, tenant: str, address: str) -> list[PublicKey]:
+    """The OpenPGP public keys of the active dicom-email Endpoints of ``address`` in ``tenant``'s directory: the
+    keys a mail from that address may be signed with (DESIGN.md 4: keys come from the directory, never guessed).
+
+    Endpoints are found by our ``address`` search parameter and compared exactly (``mailto:``, any case); an
+    Endpoint whose key cannot be read or does not match its fingerprint extension is skipped (logged). Empty
+    when the address is unknown. Caching is the caller's business.
+    """
+    want = normalize_address(address)
+    if not want or "@" not in want:
+        return []
+    query = [("address", f"mailto:{want}"), ("connection-type", f"{CONNECTION_TYPES}|{DICOM_EMAIL}"),
+             ("status", "active")]
+    with service.store.transaction(tenant, write=False) as tx:
+        endpoints = _Reader(service, tx, system_principal(tenant)).search("Endpoint", query)
+    keys: list[PublicKey] = []
+    for endpoint in sorted(endpoints, key=lambda e: str(e.get("id"))):
+        where = f"Endpoint/{endpoint.get('id', '?')}"
+        if not isinstance(endpoint.get("address"), str) or normalize_address(endpoint["address"]) != want:
+            continue
+        key_ext = _extension(endpoint, EXT_KEY) or {}
+        try:
+            key = import_public_key(str(key_ext.get("valueString", "")).encode("utf-8"))
+        except OpenPGPError as exc:
+            log.error("%s of %s in %s's directory: unusable OpenPGP key: %s", where, want, tenant, exc.message)
+            continue
+        fingerprint = str((_extension(endpoint, EXT_FINGERPRINT) or {}).get("valueString", "")).replace(" ", "")
+        if fingerprint and fingerprint.upper() != key.fingerprint:
+            log.error("%s of %s in %s's directory: the fingerprint %s does not match its key %s", where, want,
+                      tenant, fingerprint, key.fingerprint)
+            continue
+        if all(k.fingerprint != key.fingerprint for k in keys):
+            keys.append(key)
+    return keys
 
 
 # ---------------------------------------------------------------------------------------------------- import

@@ -1,0 +1,365 @@
+"""The inbound pipeline of the DICOM e-mail gateway: receive, verify, collect sets, import, queue MDNs, quarantine.
+
+``Inbound`` is the ``Sink`` of the SMTP ingress and the mailbox poller (server/mail/transport.py), called in a
+worker thread for every raw mail. DESIGN.md 4 (DRG @GIT DICOM e-mail):
+
+    raw mail -> blob (durable) -> inbound_mail row (dedup by Message-ID)
+      MDN                    -> the receipt of one of our outbound mails (record_mdn)
+      message/partial        -> buffered; once all fragments are in: joined and processed as one mail
+      multipart/encrypted    -> decrypt + verify against the directory key of the From address -> inner entity
+                                -> set headers checked -> DICOM parsed -> decrypted instance blob
+                                -> set part + its MDN in one transaction (RFC 3798: receipt after storage)
+                                -> set complete: imported into the archive at once
+      anything refused       -> quarantine row + MDN with the refusal's disposition (DISPOSITION_BY_KIND)
+
+Only storage failures (disk, database) raise, so that the peer keeps the mail and retries; a refused mail is
+stored and acknowledged (SMTP 250). A redelivered mail (same Message-ID) is processed again without new
+effects: the part, fragment and receipt stores dedup, so its MDN is queued again and nothing is imported
+twice; a mail quarantined before keeps its one quarantine row.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from server.config import Settings
+from server.crypto import (BadSignature, KeyUnusable, NotEncrypted, OpenPGPError, TamperedMessage, UnknownSender,
+                           WrongRecipientKey, decrypt_and_verify)
+from server.dicom.parse import parse_part10
+from server.errors import ErrorKind, ServerError
+from server.gateway.directory import sender_keys
+from server.gateway.policy import send_policy
+from server.gateway.sites import Site, Sites, normalize_address
+from server.mail.drg import MailKind, Outer, check_set, parse_inner, parse_outer, read_outer
+from server.mail.mdn import Disposition, disposition_for, parse_mdn
+from server.mail.mime import Defect, MailError, domain_of
+from server.mail.partial import join
+from server.mail.transport import Received, Sink
+from server.store import gateway as gw
+from server.store.archive import Archive, NewInstance, Verdict
+from server.store.blobs import BlobStore
+
+log = logging.getLogger(__name__)
+
+
+class Reason(str, enum.Enum):
+    """Why a mail was quarantined (the ``quarantine.reason`` column)."""
+
+    NOT_ENCRYPTED = "not-encrypted"  # plain mail: DRG mail is always PGP/MIME (DESIGN.md 4)
+    UNKNOWN_SENDER = "unknown-sender"  # no directory key for the From address, or signed by another key
+    BAD_SIGNATURE = "bad-signature"
+    KEY_UNUSABLE = "key-unusable"  # the sender's key is expired or revoked
+    TAMPERED = "tampered"  # MDC mismatch, no integrity protection, outer set headers differ from the signed ones
+    WRONG_RECIPIENT_KEY = "wrong-recipient-key"  # encrypted for a key that is not ours
+    MALFORMED = "malformed"  # broken MIME, armor, packets or fragments
+    NOT_DICOM = "not-dicom"  # no (single) DICOM part, or the part is no parsable DICOM file
+    BAD_SET = "bad-set"  # X-TELEMEDICINE set headers missing, inconsistent or contradicting the set
+
+
+# OpenPGP failures -> reason; first match wins (subclasses before their bases).
+REASON_BY_OPENPGP: tuple[tuple[type[OpenPGPError], Reason], ...] = (
+    (WrongRecipientKey, Reason.WRONG_RECIPIENT_KEY),
+    (TamperedMessage, Reason.TAMPERED),
+    (UnknownSender, Reason.UNKNOWN_SENDER),  # NotSigned included
+    (BadSignature, Reason.BAD_SIGNATURE),
+    (KeyUnusable, Reason.KEY_UNUSABLE),
+    (NotEncrypted, Reason.NOT_ENCRYPTED),
+    (OpenPGPError, Reason.MALFORMED),
+)
+
+# Mail defects -> reason (the rest: MALFORMED).
+REASON_BY_DEFECT: dict[Defect, Reason] = {
+    Defect.NOT_ENCRYPTED: Reason.NOT_ENCRYPTED,
+    Defect.WRONG_PROTOCOL: Reason.NOT_ENCRYPTED,
+    Defect.INNER_NOT_MULTIPART: Reason.NOT_DICOM,
+    Defect.NO_DICOM_PART: Reason.NOT_DICOM,
+    Defect.TWO_DICOM_PARTS: Reason.NOT_DICOM,
+    Defect.DICOM_ENCODING: Reason.NOT_DICOM,
+    Defect.DICOM_NOT_BASE64: Reason.NOT_DICOM,
+    Defect.NOT_DICOM: Reason.NOT_DICOM,
+    Defect.SET_HEADER_MISSING: Reason.BAD_SET,
+    Defect.SET_HEADER_DUPLICATE: Reason.BAD_SET,
+    Defect.SET_HEADER_NOT_NUMERIC: Reason.BAD_SET,
+    Defect.SET_PART_OUT_OF_RANGE: Reason.BAD_SET,
+    Defect.SET_HEADER_SYNTAX: Reason.BAD_SET,
+    Defect.SET_MISMATCH: Reason.TAMPERED,
+}
+
+# inbound_mail.state values (at most 16 characters)
+RECEIVED, STORED, FRAGMENT, MDN, MDN_UNKNOWN, QUARANTINED = (
+    "received", "stored", "fragment", "mdn", "mdn-unknown", "quarantined")
+
+
+class Refused(ServerError):
+    """A mail we do not import, with its quarantine reason; ``kind`` picks the MDN disposition."""
+
+    def __init__(self, reason: Reason, kind: ErrorKind, message: str) -> None:
+        super().__init__(kind, message)
+        self.reason = reason
+
+
+def refusal(exc: ServerError) -> Refused | None:
+    """The refusal a verification failure means, or None for a failure of our own (storage: the peer retries)."""
+    if isinstance(exc, Refused):
+        return exc
+    if isinstance(exc, OpenPGPError):
+        reason = next(r for cls, r in REASON_BY_OPENPGP if isinstance(exc, cls))
+        return Refused(reason, exc.kind, exc.message)
+    if isinstance(exc, MailError):
+        return Refused(REASON_BY_DEFECT.get(exc.defect, Reason.MALFORMED), exc.kind, exc.message)
+    return None
+
+
+def mdn_params(disposition: Disposition, *, final_recipient: str, text: str | None, outer: Outer) -> str:
+    """The queued receipt's JSON, as the MDN sender builds the RFC 3798 MDN from it."""
+    return json.dumps({
+        "disposition": disposition.value,
+        "final_recipient": final_recipient,
+        "text": text,
+        "original_header": base64.b64encode(outer.header_block).decode("ascii"),
+        "message_id": f"<mdn.{uuid.uuid4().hex}@{domain_of(final_recipient)}>",
+    })
+
+
+@dataclass(frozen=True)
+class _Mail:
+    """One raw mail being processed for one of our sites."""
+
+    site: Site
+    raw: bytes
+    sha256: str
+    message_id: str
+    outer: Outer | None
+    replay: bool  # seen before (same Message-ID): no new effects, the receipt again
+    quarantined_before: bool
+
+
+class Inbound:
+    """The gateway's receiving side for all tenants (an edge: blob store + database; sync, worker threads)."""
+
+    def __init__(self, settings: Settings, engine, blobs: BlobStore, archive: Archive, fhir, sites: Sites, *,
+                 also: gw.JobHook | None = None, on_mdn: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.blobs = blobs
+        self.archive = archive
+        self.fhir = fhir
+        self.sites = sites
+        self.also = also
+        self.on_mdn = on_mdn
+        self.clock = clock
+        self.policy = send_policy(settings)
+
+    # ---- the sink ------------------------------------------------------------------------------------------
+    def __call__(self, raw: bytes, meta: Received, *, tenant: str | None = None) -> None:
+        """Store, verify and process one received mail for the first of our recipients (or ``tenant``)."""
+        self._receive(self._site(meta, tenant), raw)
+
+    def for_tenant(self, tenant: str) -> Sink:
+        """The sink of a polled mailbox that belongs to ``tenant`` (no envelope recipients there)."""
+        site = self.sites.of_tenant(tenant)
+
+        def sink(raw: bytes, meta: Received) -> None:
+            self._receive(site, raw)
+
+        return sink
+
+    def _site(self, meta: Received, tenant: str | None) -> Site:
+        if tenant is not None:
+            return self.sites.of_tenant(tenant)
+        for rcpt in meta.rcpt_tos:
+            site = self.sites.by_address(rcpt)
+            if site is not None:
+                return site
+        raise ServerError(ErrorKind.NOT_FOUND, "no recipient of this mail is one of our sites")
+
+    def _receive(self, site: Site, raw: bytes) -> None:
+        sha = gw.store_blob(self.blobs, raw)
+        try:
+            outer: Outer | None = read_outer(raw)
+        except MailError:
+            outer = None
+        message_id = (outer.message_id if outer else None) or f"<sha256.{sha}@{domain_of(site.address)}>"
+        sender = outer.sender if outer else None
+        state = None
+        if gw.record_inbound(self.engine, site.tenant, message_id, sender, sha, len(raw), self.clock()) == gw.DUPLICATE:
+            state = gw.inbound_state(self.engine, site.tenant, message_id)
+            if state in (FRAGMENT, MDN, MDN_UNKNOWN):
+                log.info("mail %s for %s received again, processed before (%s)", message_id, site.tenant, state)
+                return
+            log.info("mail %s for %s received again: acknowledged again, not imported twice", message_id,
+                     site.tenant)
+        self._process(_Mail(site, raw, sha, message_id, outer, replay=state is not None,
+                            quarantined_before=state == QUARANTINED))
+
+    def _process(self, mail: _Mail) -> None:
+        """Process one recorded mail by kind; a verification failure quarantines it (never raises for those)."""
+        try:
+            if mail.outer is None:
+                read_outer(mail.raw)  # raises the MailError again
+            assert mail.outer is not None
+            if mail.outer.kind is MailKind.MDN:
+                self._receipt(mail)
+            elif mail.outer.kind is MailKind.PARTIAL:
+                self._fragment(mail)
+            else:
+                self._instance(mail)
+        except ServerError as exc:
+            refused = refusal(exc)
+            if refused is None:
+                raise
+            self._quarantine(mail, refused)
+
+    # ---- receipts for our outbound mails -------------------------------------------------------------------
+    def _receipt(self, mail: _Mail) -> None:
+        mdn = parse_mdn(mail.raw)
+        result = gw.record_mdn(self.engine, mail.site.tenant, mdn.original_message_id, mdn.outcome,
+                               mdn.disposition.value, self.clock(), policy=self.policy, rand=random.random(),
+                               also=self.also)
+        if result == gw.UNKNOWN:
+            log.warning("receipt %s for %s answers no mail of ours (%s): kept as unknown", mail.message_id,
+                        mail.site.tenant, mdn.original_message_id)
+        gw.set_inbound_state(self.engine, mail.site.tenant, mail.message_id,
+                             MDN_UNKNOWN if result == gw.UNKNOWN else MDN)
+
+    # ---- message/partial -----------------------------------------------------------------------------------
+    def _fragment(self, mail: _Mail) -> None:
+        frag = mail.outer.fragment
+        assert frag is not None
+        tenant = mail.site.tenant
+        try:
+            digests = gw.add_fragment(self.engine, tenant, frag.id, frag.number, frag.total, mail.sha256,
+                                      self.clock())
+        except ServerError as exc:
+            if exc.kind is not ErrorKind.INVALID:
+                raise
+            raise Refused(Reason.MALFORMED, exc.kind, exc.message) from exc
+        if digests is not None:
+            try:
+                joined = join([self.blobs.path_of(d).read_bytes() for d in digests])
+            except MailError:
+                gw.drop_fragments(self.engine, tenant, frag.id)
+                raise
+            log.info("message/partial %s for %s joined from %d fragments", frag.id, tenant, len(digests))
+            self._receive(mail.site, joined)  # a storage failure here keeps the fragments for the redelivery
+            gw.drop_fragments(self.engine, tenant, frag.id)
+        gw.set_inbound_state(self.engine, tenant, mail.message_id, FRAGMENT)
+
+    # ---- instance mails ------------------------------------------------------------------------------------
+    def _instance(self, mail: _Mail) -> None:
+        site, outer = mail.site, mail.outer
+        assert outer is not None
+        strict = parse_outer(mail.raw)  # refuses plain mail, wrong protocol, broken set headers
+        if strict.emergency:
+            log.warning("NOTFALL: emergency mail %s from %s for %s (set %s)", mail.message_id, strict.sender,
+                        site.tenant, strict.set.set_id if strict.set else "-")
+        if not strict.sender:
+            raise Refused(Reason.UNKNOWN_SENDER, ErrorKind.UNAUTHENTICATED, "the mail has no From address")
+        keys = sender_keys(self.fhir, site.tenant, strict.sender)
+        if not keys:
+            raise Refused(Reason.UNKNOWN_SENDER, ErrorKind.UNAUTHENTICATED,
+                          f"no key for {strict.sender} in the directory")
+        assert strict.encrypted is not None
+        decrypted = decrypt_and_verify(strict.encrypted, [site.key], keys)
+        inner = parse_inner(decrypted.data)
+        info = check_set(strict, inner)
+        sha = gw.store_blob(self.blobs, inner.dicom)
+        try:
+            parsed = parse_part10(self.blobs.path_of(sha))
+        except ServerError as exc:
+            if exc.kind is ErrorKind.INTERNAL:
+                raise
+            raise Refused(Reason.NOT_DICOM, ErrorKind.INVALID, f"the DICOM part cannot be read: {exc.message}") from exc
+        if info.study_uid and parsed.study_uid != info.study_uid:
+            raise Refused(Reason.BAD_SET, ErrorKind.INVALID,
+                          f"StudyInstanceUID {parsed.study_uid} differs from X-TELEMEDICINE-STUDYID {info.study_uid}")
+        warnings = sorted({w.value for w in parsed.warnings})
+        text = f"stored with warnings: {', '.join(warnings)}" if warnings else None
+        part = gw.NewPart(set_id=info.set_id, sender=normalize_address(strict.sender), total=info.total,
+                          set_part=info.part, blob_sha256=sha, sop_instance_uid=parsed.sop_instance_uid,
+                          study_uid=info.study_uid or parsed.study_uid, message_id=mail.message_id)
+        mdn = self._mdn(site, outer, disposition_for(None, warning=bool(warnings)), text)
+        try:
+            result = gw.add_set_part(self.engine, site.tenant, part, self.clock(), mdn)
+        except ServerError as exc:
+            if exc.kind is not ErrorKind.INVALID:
+                raise
+            raise Refused(Reason.BAD_SET, exc.kind, exc.message) from exc
+        gw.set_inbound_state(self.engine, site.tenant, mail.message_id, STORED)
+        self._woken(mdn)
+        s = result.set
+        log.info("set %s part %d/%d from %s for %s %s (signed by %s)", s.set_id, info.part, s.total, s.sender,
+                 site.tenant, "again" if result.duplicate else "stored", decrypted.signer_fingerprint)
+        if s.state == gw.COMPLETE:
+            try:
+                self.import_set(site.tenant, s.pk)
+            except ServerError as exc:
+                if exc.kind is not ErrorKind.CONFLICT:
+                    raise
+                log.info("set %s of %s was imported concurrently", s.set_id, site.tenant)
+
+    # ---- refusals ------------------------------------------------------------------------------------------
+    def _quarantine(self, mail: _Mail, refused: Refused) -> None:
+        tenant, outer = mail.site.tenant, mail.outer
+        sender = outer.sender if outer else None
+        log.warning("mail %s from %s for %s refused (%s): %s", mail.message_id, sender or "?", tenant,
+                    refused.reason.value, refused.message)
+        if not mail.quarantined_before:
+            gw.quarantine(self.engine, tenant, mail.sha256, refused.reason.value, self.clock(),
+                          message=refused.message, sender=sender, message_id=mail.message_id)
+        gw.set_inbound_state(self.engine, tenant, mail.message_id, QUARANTINED,
+                             f"{refused.reason.value}: {refused.message}")
+        if outer is not None and outer.kind is not MailKind.MDN:  # never answer a receipt (RFC 3798 2.1)
+            mdn = self._mdn(mail.site, outer, disposition_for(refused.kind), refused.message)
+            if mdn is not None:
+                gw.enqueue_mdn(self.engine, tenant, mdn, self.clock())
+                self._woken(mdn)
+
+    # ---- receipts we owe -----------------------------------------------------------------------------------
+    def _mdn(self, site: Site, outer: Outer, disposition: Disposition, text: str | None) -> gw.NewMdn | None:
+        """The receipt for ``outer`` when it asked for one (Disposition-Notification-To and a Message-ID)."""
+        if not outer.mdn_to or not outer.message_id:
+            return None
+        return gw.NewMdn(to_address=outer.mdn_to, original_message_id=outer.message_id,
+                         params=mdn_params(disposition, final_recipient=site.address, text=text, outer=outer))
+
+    def _woken(self, mdn: gw.NewMdn | None) -> None:
+        if mdn is not None and self.on_mdn is not None:
+            self.on_mdn()
+
+    # ---- sets ----------------------------------------------------------------------------------------------
+    def import_set(self, tenant: str, set_pk: int, *, operator: bool = False) -> gw.SetRow:
+        """Import a complete set into the archive (an operator: also whatever parts an incomplete set has).
+
+        CONFLICT when the set is not complete (and not ``operator``) or was imported or discarded already.
+        """
+        s = gw.get_set(self.engine, tenant, set_pk)
+        allowed = (gw.COMPLETE, gw.COLLECTING, gw.REPORTED) if operator else (gw.COMPLETE,)
+        if s.state not in allowed:
+            raise ServerError(ErrorKind.CONFLICT, f"inbound set {s.set_id} is {s.state}, it cannot be imported")
+        items = []
+        for part in gw.set_parts(self.engine, tenant, set_pk):
+            path = self.blobs.path_of(part.blob_sha256)
+            items.append(NewInstance(parse_part10(path), part.blob_sha256, path.stat().st_size))
+        # the part blobs were made durable by store_blob when they arrived: no blobs.sync needed here
+        results = self.archive.index_batch(tenant, items, replace=False) if items else []
+        for item, result in zip(items, results):
+            if result.verdict not in (Verdict.STORED, Verdict.IDENTICAL):
+                log.error("set %s of %s: instance %s not imported (%s): %s", s.set_id, tenant,
+                          item.parsed.sop_instance_uid, result.verdict, result.message)
+        done = gw.mark_set_imported(self.engine, tenant, set_pk, self.clock(), operator=operator)
+        log.info("set %s from %s imported for %s: %d of %d parts", s.set_id, s.sender, tenant, len(items), s.total)
+        return done
+
+    def discard_set(self, tenant: str, set_pk: int) -> gw.SetRow:
+        """An operator drops a set that was not imported (its parts stay in the blob store until swept)."""
+        return gw.discard_set(self.engine, tenant, set_pk, self.clock())
