@@ -208,7 +208,8 @@ def sender_keys(service: FhirService, tenant: str, address: str) -> list[PublicK
     want = normalize_address(address)
     if not want or "@" not in want:
         return []
-    query = [("address", f"mailto:{want}"), ("connection-type", f"{CONNECTION_TYPES}|{DICOM_EMAIL}"),
+    value = want.replace(",", "\\,")  # a comma separates alternatives (FHIR R4 3.1.1.4.11)
+    query = [("address", f"mailto:{value}"), ("connection-type", f"{CONNECTION_TYPES}|{DICOM_EMAIL}"),
              ("status", "active")]
     with service.store.transaction(tenant, write=False) as tx:
         endpoints = _Reader(service, tx, system_principal(tenant)).search("Endpoint", query)

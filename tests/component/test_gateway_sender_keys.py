@@ -6,6 +6,7 @@ import pytest
 
 from server.crypto import export_public_key, generate_key
 from server.gateway.directory import SiteRow, import_bundle, sender_keys, site_resources
+from tests.component.test_gateway_directory import service  # noqa: F401  (the directory's FhirService fixture)
 
 T = "site-b"
 
@@ -13,18 +14,6 @@ T = "site-b"
 @pytest.fixture(scope="module")
 def keys():
     return [generate_key(f"Site {n} <dicom@{n}.example>", bits=2048).public() for n in ("a", "c", "d")]
-
-
-@pytest.fixture
-def service(settings):
-    from server.fhir.setup import build_service
-    from server.store.db import make_engine
-    from server.store.migrate import upgrade
-
-    engine = make_engine(settings.resolved_database_url)
-    upgrade(engine)
-    yield build_service(settings, engine)
-    engine.dispose()
 
 
 def row(site_id: str, address: str, key) -> tuple[SiteRow, str]:

@@ -104,8 +104,7 @@ def make_env(settings: Settings, keys) -> Env:
     return Env(settings, engine, blobs, archive, inbound, ingress, woken)
 
 
-@pytest.fixture
-def env(settings, keys):
+def running(settings: Settings, keys):
     e = make_env(settings, keys)
     yield e
     e.ingress.stop_thread()
@@ -113,11 +112,15 @@ def env(settings, keys):
 
 
 @pytest.fixture
+def env(settings, keys):
+    """Both backends."""
+    yield from running(settings, keys)
+
+
+@pytest.fixture
 def lite(sqlite_settings, keys):
-    e = make_env(sqlite_settings, keys)
-    yield e
-    e.ingress.stop_thread()
-    e.engine.dispose()
+    """SQLite only."""
+    yield from running(sqlite_settings, keys)
 
 
 def study(n: int) -> tuple[str, list[tuple[str, bytes]]]:
@@ -370,3 +373,39 @@ def test_an_mdn_acknowledges_our_outbound_mail(lite, keys):
     lite.send(stray)
     assert gw.inbound_state(lite.engine, T, message_id(stray)) == "mdn-unknown"
     assert lite.mdns() == [] and lite.quarantined() == []  # receipts are never answered
+
+
+# ---- warnings and storage failures ---------------------------------------------------------------------------
+def test_an_instance_with_warnings_is_imported_with_a_warning_receipt(lite, keys):
+    uid, [(sop, dicom)] = study(1)
+    other = sop[:-1] + ("1" if sop[-1] != "1" else "2")
+    dicom = dicom.replace(sop.encode(), other.encode(), 1)  # file meta (0002,0003) no longer matches
+    raw = build_instance_mail(dicom, sop_instance_uid=sop, study_uid=uid, set_id="w", set_part=1, set_total=1,
+                              sender=SENDER, recipient=OURS, mdn_to=SENDER,
+                              encrypt=lambda d: encrypt_and_sign(d, [keys["b"].public()], keys["a"]))
+    lite.send(raw)
+    assert len(lite.archive.instances(T, uid)) == 1
+    [m] = lite.mdns()
+    assert m["disposition"] == "displayed/warning" and "sop-instance-mismatch" in m["text"]
+
+
+def test_a_storage_failure_makes_the_peer_retry_and_the_retry_is_processed_once(lite, keys, monkeypatch):
+    uid, [raw] = mails(keys, 1)
+    real = gw.add_set_part
+    calls = []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ServerError(ErrorKind.INTERNAL, "database down")
+        return real(*args, **kw)
+
+    monkeypatch.setattr("server.gateway.inbound.gw.add_set_part", failing)
+    with pytest.raises(smtplib.SMTPDataError) as err:
+        lite.send(raw)
+    assert err.value.smtp_code == 451
+    assert lite.sets() == [] and lite.mdns() == []
+    lite.send(raw)  # the peer's retry: same Message-ID, processed now
+    assert len(lite.archive.instances(T, uid)) == 1
+    assert [m["disposition"] for m in lite.mdns()] == ["displayed"]
+    assert lite.quarantined() == []
