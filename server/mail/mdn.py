@@ -23,7 +23,7 @@ from email.utils import format_datetime
 
 from server.dicomweb.multipart import new_boundary
 from server.errors import ErrorKind
-from server.mail.drg import Outer, SetInfo, set_info
+from server.mail.drg import Outer, SetInfo, read_outer, set_info
 from server.mail.mime import (
     CRLF,
     Defect,
@@ -178,6 +178,12 @@ def build_mdn(
     body = b"".join(b"--" + boundary.encode() + CRLF + head + CRLF + _crlf(content) for head, content in parts)
     body += b"--" + boundary.encode() + b"--" + CRLF
     return _mdn_header(original, disposition, final_recipient, message_id, now, boundary) + CRLF + body
+
+
+def original_from_header(header_block: bytes) -> Outer:
+    """The original mail as ``build_mdn`` needs it, from its exact outer header block alone (what a queued receipt
+    keeps: ``Outer.header_block``), as leniently as ``drg.read_outer`` reads a whole mail. RFC 3798 2.1, 3."""
+    return read_outer(canonical(header_block).rstrip(CRLF) + CRLF + CRLF)
 
 
 def _mdn_header(original: Outer, disposition: Disposition, sender: str, message_id: str | None,
