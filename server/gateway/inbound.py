@@ -93,6 +93,9 @@ REASON_BY_DEFECT: dict[Defect, Reason] = {
     Defect.SET_MISMATCH: Reason.TAMPERED,
 }
 
+# Column sizes of the gateway tables (server/store/gateway_models.py): longer peer values are never stored.
+MAX_MESSAGE_ID, MAX_ADDRESS, MAX_SET_ID = 255, 320, 128
+
 # inbound_mail.state values (at most 16 characters)
 RECEIVED, STORED, FRAGMENT, MDN, MDN_UNKNOWN, QUARANTINED = (
     "received", "stored", "fragment", "mdn", "mdn-unknown", "quarantined")
@@ -129,6 +132,10 @@ def mdn_params(disposition: Disposition, *, final_recipient: str, text: str | No
     })
 
 
+def _clip(value: str | None, limit: int) -> str | None:
+    return value[:limit] if value else value
+
+
 @dataclass(frozen=True)
 class _Mail:
     """One raw mail being processed for one of our sites."""
@@ -138,8 +145,7 @@ class _Mail:
     sha256: str
     message_id: str
     outer: Outer | None
-    replay: bool  # seen before (same Message-ID): no new effects, the receipt again
-    quarantined_before: bool
+    quarantined_before: bool  # seen before and quarantined then: no second quarantine row
 
 
 class Inbound:
@@ -188,18 +194,20 @@ class Inbound:
             outer: Outer | None = read_outer(raw)
         except MailError:
             outer = None
-        message_id = (outer.message_id if outer else None) or f"<sha256.{sha}@{domain_of(site.address)}>"
-        sender = outer.sender if outer else None
+        message_id = outer.message_id if outer else None
+        if not message_id or len(message_id) > MAX_MESSAGE_ID:  # none, or too long to keep: dedup by content
+            message_id = f"<sha256.{sha}@{domain_of(site.address)}>"
+        sender = _clip(outer.sender if outer else None, MAX_ADDRESS)
         state = None
-        if gw.record_inbound(self.engine, site.tenant, message_id, sender, sha, len(raw), self.clock()) == gw.DUPLICATE:
+        now = self.clock()
+        if gw.record_inbound(self.engine, site.tenant, message_id, sender, sha, len(raw), now) == gw.DUPLICATE:
             state = gw.inbound_state(self.engine, site.tenant, message_id)
             if state in (FRAGMENT, MDN, MDN_UNKNOWN):
                 log.info("mail %s for %s received again, processed before (%s)", message_id, site.tenant, state)
                 return
             log.info("mail %s for %s received again: acknowledged again, not imported twice", message_id,
                      site.tenant)
-        self._process(_Mail(site, raw, sha, message_id, outer, replay=state is not None,
-                            quarantined_before=state == QUARANTINED))
+        self._process(_Mail(site, raw, sha, message_id, outer, quarantined_before=state == QUARANTINED))
 
     def _process(self, mail: _Mail) -> None:
         """Process one recorded mail by kind; a verification failure quarantines it (never raises for those)."""
@@ -262,8 +270,8 @@ class Inbound:
         if strict.emergency:
             log.warning("NOTFALL: emergency mail %s from %s for %s (set %s)", mail.message_id, strict.sender,
                         site.tenant, strict.set.set_id if strict.set else "-")
-        if not strict.sender:
-            raise Refused(Reason.UNKNOWN_SENDER, ErrorKind.UNAUTHENTICATED, "the mail has no From address")
+        if not strict.sender or len(strict.sender) > MAX_ADDRESS:
+            raise Refused(Reason.UNKNOWN_SENDER, ErrorKind.UNAUTHENTICATED, "the mail has no usable From address")
         keys = sender_keys(self.fhir, site.tenant, strict.sender)
         if not keys:
             raise Refused(Reason.UNKNOWN_SENDER, ErrorKind.UNAUTHENTICATED,
@@ -272,6 +280,9 @@ class Inbound:
         decrypted = decrypt_and_verify(strict.encrypted, [site.key], keys)
         inner = parse_inner(decrypted.data)
         info = check_set(strict, inner)
+        if len(info.set_id) > MAX_SET_ID:
+            raise Refused(Reason.BAD_SET, ErrorKind.INVALID, f"X-TELEMEDICINE-SETID is longer than {MAX_SET_ID} "
+                                                             "characters")
         sha = gw.store_blob(self.blobs, inner.dicom)
         try:
             parsed = parse_part10(self.blobs.path_of(sha))
@@ -306,11 +317,13 @@ class Inbound:
                 if exc.kind is not ErrorKind.CONFLICT:
                     raise
                 log.info("set %s of %s was imported concurrently", s.set_id, site.tenant)
+        elif s.state == gw.IMPORTED and not result.duplicate:  # a late part of a set an operator imported
+            self._index(site.tenant, s, [gw.Part(info.part, parsed.sop_instance_uid, sha, mail.message_id)])
 
     # ---- refusals ------------------------------------------------------------------------------------------
     def _quarantine(self, mail: _Mail, refused: Refused) -> None:
         tenant, outer = mail.site.tenant, mail.outer
-        sender = outer.sender if outer else None
+        sender = _clip(outer.sender if outer else None, MAX_ADDRESS)
         log.warning("mail %s from %s for %s refused (%s): %s", mail.message_id, sender or "?", tenant,
                     refused.reason.value, refused.message)
         if not mail.quarantined_before:
@@ -329,6 +342,10 @@ class Inbound:
         """The receipt for ``outer`` when it asked for one (Disposition-Notification-To and a Message-ID)."""
         if not outer.mdn_to or not outer.message_id:
             return None
+        if len(outer.mdn_to) > MAX_ADDRESS or len(outer.message_id) > MAX_MESSAGE_ID:
+            log.warning("no receipt for %s: its Message-ID or Disposition-Notification-To is too long to keep",
+                        outer.message_id[:80])
+            return None
         return gw.NewMdn(to_address=outer.mdn_to, original_message_id=outer.message_id,
                          params=mdn_params(disposition, final_recipient=site.address, text=text, outer=outer))
 
@@ -346,8 +363,16 @@ class Inbound:
         allowed = (gw.COMPLETE, gw.COLLECTING, gw.REPORTED) if operator else (gw.COMPLETE,)
         if s.state not in allowed:
             raise ServerError(ErrorKind.CONFLICT, f"inbound set {s.set_id} is {s.state}, it cannot be imported")
+        parts = gw.set_parts(self.engine, tenant, set_pk)
+        self._index(tenant, s, parts)
+        done = gw.mark_set_imported(self.engine, tenant, set_pk, self.clock(), operator=operator)
+        log.info("set %s from %s imported for %s: %d of %d parts", s.set_id, s.sender, tenant, len(parts), s.total)
+        return done
+
+    def _index(self, tenant: str, s: gw.SetRow, parts: list[gw.Part]) -> None:
+        """Index the parts' instances in the archive (stored or identical: fine; anything else is logged)."""
         items = []
-        for part in gw.set_parts(self.engine, tenant, set_pk):
+        for part in parts:
             path = self.blobs.path_of(part.blob_sha256)
             items.append(NewInstance(parse_part10(path), part.blob_sha256, path.stat().st_size))
         # the part blobs were made durable by store_blob when they arrived: no blobs.sync needed here
@@ -356,9 +381,6 @@ class Inbound:
             if result.verdict not in (Verdict.STORED, Verdict.IDENTICAL):
                 log.error("set %s of %s: instance %s not imported (%s): %s", s.set_id, tenant,
                           item.parsed.sop_instance_uid, result.verdict, result.message)
-        done = gw.mark_set_imported(self.engine, tenant, set_pk, self.clock(), operator=operator)
-        log.info("set %s from %s imported for %s: %d of %d parts", s.set_id, s.sender, tenant, len(items), s.total)
-        return done
 
     def discard_set(self, tenant: str, set_pk: int) -> gw.SetRow:
         """An operator drops a set that was not imported (its parts stay in the blob store until swept)."""

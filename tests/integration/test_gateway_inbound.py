@@ -235,9 +235,10 @@ def test_incomplete_set_waits_then_operator_imports_or_discards(lite, keys):
     done = lite.inbound.import_set(T, s.pk, operator=True)
     assert done.state == "imported"
     assert len(lite.archive.instances(T, uid)) == 2
-    lite.send(raws[1])  # the late part: acknowledged, the set stays imported as the operator decided
+    lite.send(raws[1])  # the late part of the imported set: acknowledged and imported too
     assert gw.get_set(lite.engine, T, s.pk).state == "imported"
     assert len(lite.mdns()) == 3
+    assert len(lite.archive.instances(T, uid)) == 3
 
     uid2, others = mails(keys, 2)
     lite.send(others[0])
@@ -409,3 +410,17 @@ def test_a_storage_failure_makes_the_peer_retry_and_the_retry_is_processed_once(
     assert len(lite.archive.instances(T, uid)) == 1
     assert [m["disposition"] for m in lite.mdns()] == ["displayed"]
     assert lite.quarantined() == []
+
+
+def test_overlong_peer_values_never_reach_the_database(env, keys):
+    long_id = f"<{'a' * 300}@site-a.example>"
+    uid, [raw] = mails(keys, 1, message_id=long_id)
+    env.send(raw)
+    env.send(raw)  # deduplicated by content
+    assert len(env.archive.instances(T, uid)) == 1
+    assert env.mdns() == []  # a receipt the sender could not correlate is not kept
+    _, [raw] = mails(keys, 1, set_id="s" * 150)
+    env.send(raw)
+    [q] = env.quarantined()
+    assert q.reason == "bad-set"
+    assert [m["disposition"] for m in env.mdns()] == ["deleted"]
