@@ -13,6 +13,7 @@ from server.config import load_settings
 from server.errors import ErrorKind, ServerError
 
 DEFAULT_READ_WRITE = "system/*.cruds"
+DEFAULT_SMTP_PORT = 2525
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -20,19 +21,47 @@ def _serve(args: argparse.Namespace) -> int:
 
     from server.app import create_app, prepare
 
-    settings = load_settings(data_dir=args.data_dir, host=args.host, port=args.port, workers=args.workers)
+    settings = load_settings(data_dir=args.data_dir, host=args.host, port=args.port, workers=args.workers,
+                             smtp_port=args.smtp_port)
+    if args.no_smtp or settings.smtp_port is None:
+        settings = settings.model_copy(update={"smtp_port": None if args.no_smtp else DEFAULT_SMTP_PORT})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if settings.workers == 1:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                     proxy_headers=False)
         return 0
     prepare(settings)
-    # Worker processes build their settings from the environment: hand the effective values down.
+    # Worker processes build their settings from the environment: hand the effective values down. They serve
+    # HTTP only; this supervising process runs the one gateway of the data folder (SMTP ingress, sender).
     os.environ["TELERAD_DATA_DIR"] = str(settings.data_dir.resolve())
     os.environ["TELERAD_DATABASE_URL"] = settings.resolved_database_url
-    uvicorn.run("server.app:worker_app", factory=True, workers=settings.workers, host=settings.host,
-                port=settings.port, log_level=settings.log_level, proxy_headers=False)
+    os.environ["TELERAD_GATEWAY_WORKER"] = "false"
+    gateway = None
+    if settings.gateway_worker:
+        gateway = _supervisor_gateway(settings)
+        gateway.start_in_thread()
+    try:
+        uvicorn.run("server.app:worker_app", factory=True, workers=settings.workers, host=settings.host,
+                    port=settings.port, log_level=settings.log_level, proxy_headers=False)
+    finally:
+        if gateway is not None:
+            gateway.stop_thread()
     return 0
+
+
+def _supervisor_gateway(settings):
+    """The gateway of ``serve --workers N``, on its own engine and services."""
+    from server.fhir.setup import build_service
+    from server.gateway.runtime import Gateway
+    from server.gateway.tasks import task_hook
+    from server.store.archive import Archive
+    from server.store.blobs import BlobStore
+    from server.store.db import make_engine
+
+    engine = make_engine(settings.resolved_database_url)
+    fhir = build_service(settings, engine)
+    return Gateway(settings, engine, BlobStore(settings.data_dir, fsync=settings.fsync), Archive(engine), fhir,
+                   also=task_hook(fhir, "/fhir"))
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -190,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path, default=None, help="folder for index, blobs and keys (default ./data)")
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    serve.add_argument("--smtp-port", type=int, default=None,
+                       help=f"SMTP ingress port for DICOM e-mail (default {DEFAULT_SMTP_PORT}, or TELERAD_SMTP_PORT)")
+    serve.add_argument("--no-smtp", action="store_true", help="no SMTP ingress (mailbox polls and sending go on)")
     serve.add_argument("--workers", type=int, default=None,
                        help="worker processes sharing the port (default 1; e.g. the number of cores)")
     serve.set_defaults(func=_serve)

@@ -125,16 +125,23 @@ def database_url(request, tmp_path: Path, postgres_server) -> Iterator[str]:
         drop()
 
 
+@pytest.fixture(autouse=True)
+def _no_gateway_by_default(monkeypatch) -> None:
+    """Apps built in tests run no DICOM e-mail gateway unless the test asks (``gateway_worker=True``)."""
+    monkeypatch.setenv("TELERAD_GATEWAY_WORKER", "false")
+
+
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:
-    """Settings of a fresh server: own data folder and database."""
-    return Settings(data_dir=tmp_path / "data", database_url=database_url)
+    """Settings of a fresh server: own data folder and database; the DICOM e-mail gateway's background work is
+    off (tests of the gateway turn it on with ``gateway_worker=True``)."""
+    return Settings(data_dir=tmp_path / "data", database_url=database_url, gateway_worker=False)
 
 
 @pytest.fixture
 def sqlite_settings(tmp_path: Path) -> Settings:
-    """Settings on SQLite only (tests that are about the HTTP edge, not the store)."""
-    return Settings(data_dir=tmp_path / "data")
+    """Settings on SQLite only (tests that are about the HTTP edge, not the store); no gateway work."""
+    return Settings(data_dir=tmp_path / "data", gateway_worker=False)
 
 
 def make_token(settings: Settings, tenant: str = "site-a", scope: str = "system/*.cruds") -> str:

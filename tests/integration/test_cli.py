@@ -20,6 +20,8 @@ def _telerad(*args: str, **kw) -> subprocess.CompletedProcess:
 def _start(data, *extra: str) -> tuple[subprocess.Popen, str, dict]:
     """`telerad serve` as a process; returns it with its base URL once /healthz answers."""
     port = _free_port()
+    if "--smtp-port" not in extra and "--no-smtp" not in extra:
+        extra = (*extra, "--smtp-port", str(_free_port()))  # never the default 2525 of a parallel run
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELERAD_")}
     proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--data-dir", str(data), "--port", str(port),
                              *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
