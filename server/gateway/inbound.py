@@ -279,6 +279,9 @@ class Inbound:
         assert strict.encrypted is not None
         decrypted = decrypt_and_verify(strict.encrypted, [site.key], keys)
         inner = parse_inner(decrypted.data)
+        if inner.parts:  # a note or PDF report beside the instance (DRG profile): not kept yet
+            log.info("mail %s: %d non-DICOM part(s) (%s) not kept", mail.message_id, len(inner.parts),
+                     ", ".join(sorted({p.content_type for p in inner.parts})))
         info = check_set(strict, inner)
         if len(info.set_id) > MAX_SET_ID:
             raise Refused(Reason.BAD_SET, ErrorKind.INVALID, f"X-TELEMEDICINE-SETID is longer than {MAX_SET_ID} "

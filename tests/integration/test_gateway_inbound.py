@@ -424,3 +424,14 @@ def test_overlong_peer_values_never_reach_the_database(env, keys):
     [q] = env.quarantined()
     assert q.reason == "bad-set"
     assert [m["disposition"] for m in env.mdns()] == ["deleted"]
+
+
+def test_a_broken_receipt_is_quarantined_and_never_answered(lite):
+    raw = (f"From: {SENDER}\r\nTo: {OURS}\r\nDisposition-Notification-To: {SENDER}\r\n"
+           f"Message-ID: <{uuid.uuid4().hex}@site-a.example>\r\nSubject: MDN\r\nMIME-Version: 1.0\r\n"
+           "Content-Type: multipart/report; report-type=disposition-notification; boundary=\"r\"\r\n\r\n"
+           "--r\r\nContent-Type: message/disposition-notification\r\n\r\nReporting-UA: x\r\n--r--\r\n").encode()
+    lite.send(raw)
+    [q] = lite.quarantined()
+    assert q.reason == "malformed" and "Disposition" in q.message
+    assert lite.mdns() == []
