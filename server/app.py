@@ -26,6 +26,9 @@ from server.fhir import outcome as fhir_outcome
 from server.fhir import routes as fhir_routes
 from server.fhir.delivery import DeliveryWorker
 from server.fhir.setup import build_service as build_fhir_service
+from server.gateway import routes as gateway_routes
+from server.gateway.service import GatewayService
+from server.gateway.sites import Sites
 from server.security import token_routes
 from server.security.tokens import load_or_create_key
 from server.store.archive import Archive
@@ -87,10 +90,15 @@ def create_app(settings: Settings, *, prepared: bool = False) -> FastAPI:
     app.state.wado = WadoService(blobs, archive)
     app.state.qido = QidoService(settings, engine)
     app.state.fhir = build_fhir_service(settings, engine)
+    app.state.gateway = GatewayService(
+        settings, engine, archive, app.state.fhir, Sites.load(settings.data_dir),
+        wake=lambda: getattr(getattr(app.state, "gateway_runtime", None), "wake", lambda: None)(),
+        inbound=lambda: getattr(getattr(app.state, "gateway_runtime", None), "inbound", None))
     app.include_router(dicomweb_routes.router)
     app.include_router(fhir_routes.router)
     app.include_router(fhir_routes.well_known)
     app.include_router(token_routes.router)
+    app.include_router(gateway_routes.router)
 
     @app.get("/healthz", tags=["Operations"], description="Liveness: 200 when the index answers.")
     async def healthz() -> dict:

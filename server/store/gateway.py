@@ -322,9 +322,31 @@ def _mail_for_update(conn: Connection, tenant: str, cond) -> Mail | None:
     return _mail(conn.execute(stmt.with_for_update() if conn.dialect.name == "postgresql" else stmt).one())
 
 
+#: Where the mails of a sending job stand (``progress``): the fine steps a mirror shows beside the job state.
+SENDING_MAILS, RETRYING, ALL_SENT = "sending", "retrying", "all-sent"
+
+
+def progress(counts: MailCounts) -> str:
+    """``retrying`` while a failed try waits for its resend, ``all-sent`` when nothing is due and receipts are
+    awaited, else ``sending``."""
+    if counts.failed_retryable:
+        return RETRYING
+    if counts.sent and not counts.queued:
+        return ALL_SENT
+    return SENDING_MAILS
+
+
+def job_counts(conn: Connection, job_pk: int) -> MailCounts:
+    """The job's mails by state, in the caller's transaction (e.g. a JobHook's)."""
+    rows = conn.execute(select(M.c.state, func.count()).where(M.c.job_pk == job_pk).group_by(M.c.state)).all()
+    return MailCounts.of({r[0]: r[1] for r in rows})
+
+
 def _recompute(conn: Connection, job_pk: int, now: float, also: JobHook | None,
-               forced: JobState | None = None) -> Job:
-    """Recount a job's mails, store counters and the state they imply (or ``forced``); run ``also`` on a change."""
+               forced: JobState | None = None, moved: Sequence[tuple[str, str]] = ()) -> Job:
+    """Recount a job's mails, store counters and the state they imply (or ``forced``); run ``also`` when the state
+    changes, or when an active job's ``progress`` changes through the mail moves (old state, new state) of this
+    transaction (all sent, a retry pending, ...): at those steps only, never for every mail."""
     before = _lock_job(conn, job_pk)
     rows = conn.execute(select(M.c.state, func.count(), func.count(M.c.sent_at), func.sum(M.c.attempts))
                         .where(M.c.job_pk == job_pk).group_by(M.c.state)).all()
@@ -345,9 +367,19 @@ def _recompute(conn: Connection, job_pk: int, now: float, also: JobHook | None,
               "failed": counts.failed_final, "updated": now}
     conn.execute(update(J).where(J.c.pk == job_pk).values(**values))
     after = dataclasses.replace(before, **values)
-    if also is not None and after.state != before.state:
+    if also is not None and (after.state != before.state or (
+            state is JobState.ACTIVE and moved and progress(counts) != progress(_undo(by_state, moved)))):
         also(conn, after)
     return after
+
+
+def _undo(by_state: dict[str, int], moved: Sequence[tuple[str, str]]) -> MailCounts:
+    """The mail counts before the moves (old state, new state) of a transaction."""
+    counts = dict(by_state)
+    for old, new in moved:
+        counts[new] = counts.get(new, 0) - 1
+        counts[old] = counts.get(old, 0) + 1
+    return MailCounts.of(counts)
 
 
 def job_action(engine: Engine, tenant: str, job_id: str, action: Action | str, now: float,
@@ -442,7 +474,7 @@ def mark_sent(engine: Engine, tenant: str, mail_pk: int, now: float, also: JobHo
         if MailState(mail.state) in DUE:
             values.update(state=MailState.SENT.value, sent_at=now, lease_until=None, last_error=None)
         conn.execute(update(M).where(M.c.pk == mail_pk).values(**values))
-        _recompute(conn, mail.job_pk, now, also)
+        _recompute(conn, mail.job_pk, now, also, moved=[(mail.state, values.get("state", mail.state))])
     return dataclasses.replace(mail, **values)
 
 
@@ -460,7 +492,7 @@ def mark_failed(engine: Engine, tenant: str, mail_pk: int, now: float, error: st
         values = {"state": state.value, "lease_until": None, "last_error": error,
                   "run_after": run_after if run_after is not None else mail.run_after}
         conn.execute(update(M).where(M.c.pk == mail_pk).values(**values))
-        _recompute(conn, mail.job_pk, now, also)
+        _recompute(conn, mail.job_pk, now, also, moved=[(mail.state, state.value)])
     return dataclasses.replace(mail, **values)
 
 
@@ -489,7 +521,7 @@ def record_mdn(engine: Engine, tenant: str, original_message_id: str, outcome: O
         elif state is MailState.FAILED_FINAL:
             values["last_error"] = f"receiver refused ({disposition[:100]})"
         conn.execute(update(M).where(M.c.pk == mail.pk).values(**values))
-        _recompute(conn, mail.job_pk, now, also)
+        _recompute(conn, mail.job_pk, now, also, moved=[(mail.state, values["state"])])
     return RECORDED
 
 
@@ -503,6 +535,7 @@ def sweep_receipts(engine: Engine, now: float, timeout: float, policy: Backoff,
         rows: list[Mail] = []
         for job_pk in sorted(job_pks):
             _lock_job(conn, job_pk)
+            moved: list[tuple[str, str]] = []
             for mail in [_mail(r) for r in conn.execute(select(M).where(late, M.c.job_pk == job_pk))]:
                 if policy.exhausted(mail.attempts):
                     values = {"state": MailState.FAILED_FINAL.value,
@@ -512,7 +545,8 @@ def sweep_receipts(engine: Engine, now: float, timeout: float, policy: Backoff,
                               "last_error": f"no receipt within {timeout:.0f} s"}
                 conn.execute(update(M).where(M.c.pk == mail.pk).values(**values))
                 rows.append(mail)
-            _recompute(conn, job_pk, now, also)
+                moved.append((mail.state, values["state"]))
+            _recompute(conn, job_pk, now, also, moved=moved)
     return len(rows)
 
 

@@ -249,6 +249,53 @@ def test_job_actions(engine):
         assert conn.execute(select(func.count()).select_from(OutboundMail.__table__)).scalar_one() == 0
 
 
+def test_hook_runs_on_state_and_progress_steps_not_per_mail(engine):
+    seen: list[tuple[str, str]] = []
+    LONG = Backoff(base=10, factor=2, cap=100, jitter=0.0, max_attempts=8)  # noqa: N806
+
+    def hook(conn, j):
+        seen.append((j.state, gw.progress(gw.job_counts(conn, j.pk))))
+
+    job = gw.create_job(engine, T, new_job(3), 1.0)
+    c1, c2, c3 = gw.claim_mails(engine, 100.0, limit=10, lease=60.0, message_id=mid, also=hook)
+    assert seen == [("active", gw.SENDING_MAILS)]
+    gw.mark_sent(engine, T, c1.mail.pk, 101.0, also=hook)
+    gw.mark_sent(engine, T, c2.mail.pk, 101.0, also=hook)
+    assert len(seen) == 1  # one mail after the other: nothing to mirror
+    gw.mark_failed(engine, T, c3.mail.pk, 102.0, "421", retryable=True, policy=LONG, rand=0.5, also=hook)
+    assert seen[-1] == ("active", gw.RETRYING)
+    [again] = gw.claim_mails(engine, 200.0, limit=10, lease=60.0, message_id=mid, also=hook)
+    assert len(seen) == 2  # the job was active already
+    gw.mark_sent(engine, T, again.mail.pk, 201.0, also=hook)
+    assert seen[-1] == ("active", gw.ALL_SENT)
+    for c in (c1, c2):
+        gw.record_mdn(engine, T, c.mail.message_id, "ok", "displayed", 300.0, policy=LONG, rand=0, also=hook)
+    assert len(seen) == 3  # receipts one by one while awaiting the rest: nothing
+    gw.record_mdn(engine, T, again.mail.message_id, "failed-retry", "deleted/error", 301.0, policy=LONG,
+                  rand=0.5, also=hook)
+    assert seen[-1] == ("active", gw.RETRYING)
+    [last] = gw.claim_mails(engine, 400.0, limit=10, lease=60.0, message_id=mid, also=hook)
+    gw.mark_sent(engine, T, last.mail.pk, 401.0, also=hook)
+    assert seen[-1] == ("active", gw.ALL_SENT)
+    assert gw.sweep_receipts(engine, 1000.0, 100.0, LONG, also=hook) == 1  # no receipt: queued again
+    assert seen[-1] == ("active", gw.SENDING_MAILS)
+    [resent] = gw.claim_mails(engine, 1000.0, limit=10, lease=60.0, message_id=mid, also=hook)
+    gw.mark_sent(engine, T, resent.mail.pk, 1001.0, also=hook)
+    gw.record_mdn(engine, T, resent.mail.message_id, "ok", "displayed", 1002.0, policy=LONG, rand=0, also=hook)
+    assert seen[-2:] == [("active", gw.ALL_SENT), ("finished", gw.SENDING_MAILS)]
+    assert len(seen) == 8 and gw.get_job(engine, T, job.job_id).state == "finished"
+
+
+def test_progress_of_mail_counts():
+    from server.gateway.jobs import MailCounts
+
+    assert gw.progress(MailCounts(total=3, queued=3)) == gw.SENDING_MAILS
+    assert gw.progress(MailCounts(total=3, queued=1, sent=2)) == gw.SENDING_MAILS
+    assert gw.progress(MailCounts(total=3, sent=1, acknowledged=2)) == gw.ALL_SENT
+    assert gw.progress(MailCounts(total=3, sent=2, failed_retryable=1)) == gw.RETRYING
+    assert gw.progress(MailCounts(total=3, acknowledged=3)) == gw.SENDING_MAILS  # done: the state says it
+
+
 def test_job_list_filters_columns_and_paging(engine):
     for k in range(5):
         gw.create_job(engine, T, new_job(k + 1, job_id=f"j{k}"), float(k))
