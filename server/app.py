@@ -27,8 +27,11 @@ from server.fhir import routes as fhir_routes
 from server.fhir.delivery import DeliveryWorker
 from server.fhir.setup import build_service as build_fhir_service
 from server.gateway import routes as gateway_routes
+from server.gateway.inbound import Inbound
+from server.gateway.runtime import Gateway
 from server.gateway.service import GatewayService
 from server.gateway.sites import Sites
+from server.gateway.tasks import task_hook
 from server.security import token_routes
 from server.security.tokens import load_or_create_key
 from server.store.archive import Archive
@@ -59,13 +62,31 @@ def prepare(settings: Settings) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Background work of one server process: the FHIR Subscription delivery worker (one per worker process)."""
+    """Background work of one server process: the FHIR Subscription delivery worker (one per worker process)
+    and, where ``gateway_worker`` is on, the DICOM e-mail gateway (SMTP ingress, mailbox polls, sender)."""
     settings: Settings = app.state.settings
     async with anyio.create_task_group() as tg:
         if settings.subscription_worker:
             tg.start_soon(DeliveryWorker(settings, app.state.fhir, DeliveryQueue(app.state.engine)).run)
+        if settings.gateway_worker:
+            app.state.gateway_runtime = build_gateway(app)
+            await tg.start(_run_gateway, app.state.gateway_runtime)
         yield
         tg.cancel_scope.cancel()
+    app.state.gateway_runtime = None
+
+
+def build_gateway(app: FastAPI) -> Gateway:
+    """The DICOM e-mail gateway's background work (SMTP ingress, polls, sender) on this app's services."""
+    s = app.state
+    return Gateway(s.settings, s.engine, s.blobs, s.archive, s.fhir, also=task_hook(s.fhir, "/fhir"), sites=s.sites)
+
+
+async def _run_gateway(gateway, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+    """Run the gateway; report started once the SMTP ingress listens."""
+    await gateway.start()
+    task_status.started()
+    await gateway.serve()
 
 
 def worker_app() -> FastAPI:
@@ -85,15 +106,25 @@ def create_app(settings: Settings, *, prepared: bool = False) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.archive = archive
+    app.state.blobs = blobs
+    app.state.gateway_runtime = None  # set by the lifespan when this process runs the gateway
     app.state.token_key = load_or_create_key(settings.data_dir)
     app.state.stow = StowService(settings, blobs, archive)
     app.state.wado = WadoService(blobs, archive)
     app.state.qido = QidoService(settings, engine)
     app.state.fhir = build_fhir_service(settings, engine)
+    sites = Sites.load(settings.data_dir)
+    app.state.sites = sites
+    inbound = Inbound(settings, engine, blobs, archive, app.state.fhir, sites,
+                      also=task_hook(app.state.fhir, "/fhir"))  # operator set import in HTTP-only workers
+
+    def running_inbound() -> Inbound:
+        runtime = app.state.gateway_runtime
+        return runtime.inbound if runtime is not None else inbound
+
     app.state.gateway = GatewayService(
-        settings, engine, archive, app.state.fhir, Sites.load(settings.data_dir),
-        wake=lambda: getattr(getattr(app.state, "gateway_runtime", None), "wake", lambda: None)(),
-        inbound=lambda: getattr(getattr(app.state, "gateway_runtime", None), "inbound", None))
+        settings, engine, archive, app.state.fhir, sites,
+        wake=lambda: app.state.gateway_runtime and app.state.gateway_runtime.wake(), inbound=running_inbound)
     app.include_router(dicomweb_routes.router)
     app.include_router(fhir_routes.router)
     app.include_router(fhir_routes.well_known)
