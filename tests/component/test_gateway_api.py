@@ -297,7 +297,8 @@ def test_tenants_see_only_their_own(client, world):
 
 def test_sets_and_quarantine(client, world, app):
     w, engine = world, app.state.engine
-    s = gw.add_set_part(engine, A, gw.NewPart("set-1", "dicom@bremen.example.de", 2, 1, "ab" * 32,
+    blob = gw.store_blob(app.state.blobs, make_instance(study="1.2.3"))
+    s = gw.add_set_part(engine, A, gw.NewPart("set-1", "dicom@bremen.example.de", 2, 1, blob,
                                               study_uid="1.2.3"), 10.0).set
     gw.add_set_part(engine, B, gw.NewPart("set-2", "dicom@x.example.de", 1, 1, "cd" * 32), 10.0)
     gw.quarantine(engine, A, "ef" * 32, "unsigned", 11.0, sender="evil@x.example.de", message_id="<q@x>")
@@ -307,10 +308,14 @@ def test_sets_and_quarantine(client, world, app):
     assert client.get("/gateway/sets?state=nonsense", headers=w["a"]).status_code == 400
     assert client.post(f"/gateway/sets/{s.pk}/discard", headers=w["b"]).status_code == 404
     assert client.post(f"/gateway/sets/{s.pk}/import", headers=w["b"]).status_code == 404
-    assert client.post(f"/gateway/sets/{s.pk}/import", headers=w["a"]).status_code == 415  # no inbound here
-    r = client.post(f"/gateway/sets/{s.pk}/discard", headers=w["a"])
+    r = client.post(f"/gateway/sets/{s.pk}/import", headers=w["a"])  # the operator imports what is there
+    assert r.status_code == 200 and r.json()["state"] == "imported", r.text
+    q = client.get("/dicomweb/studies", params={"StudyInstanceUID": "1.2.3"}, headers=w["a"])
+    assert q.status_code == 200 and q.json()[0]["00201208"]["Value"] == [1]
+    s3 = gw.add_set_part(engine, A, gw.NewPart("set-3", "dicom@bremen.example.de", 2, 1, "ab" * 32), 12.0).set
+    r = client.post(f"/gateway/sets/{s3.pk}/discard", headers=w["a"])
     assert r.status_code == 200 and r.json()["state"] == "discarded"
-    assert client.post(f"/gateway/sets/{s.pk}/discard", headers=w["a"]).status_code == 409
+    assert client.post(f"/gateway/sets/{s3.pk}/discard", headers=w["a"]).status_code == 409
     q = client.get("/gateway/quarantine", headers=w["a"]).json()
     assert q["total"] == 1 and q["mails"][0]["reason"] == "unsigned" and q["mails"][0]["sender"] == "evil@x.example.de"
     assert client.get("/gateway/quarantine", headers=w["b"]).json()["total"] == 0
