@@ -66,8 +66,6 @@ def load_mailboxes(path: Path | None, sites: Sites) -> list[Mailbox]:
         if "password_file" in item:
             values["password"] = Path(item["password_file"]).read_text(encoding="utf-8").strip()
         values.setdefault("name", f"{tenant}-{n}")
-        if values.get("tls") == "implicit":  # the README's spelling; TlsMode.IMPLICIT's value is "tls"
-            values["tls"] = "tls"
         if values.get("ca_file"):
             values["ca_file"] = Path(values["ca_file"])
         try:

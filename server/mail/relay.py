@@ -193,12 +193,13 @@ class Relay:
     def _auth(self, smtp: smtplib.SMTP, route: Route) -> None:
         """AUTH PLAIN (RFC 4616), else LOGIN; never over a connection without TLS."""
         if not smtp.has_extn("auth"):
-            raise PermanentSendError(ErrorKind.UNAUTHENTICATED, f"{route.host}: AUTH not offered", host=route.host)
+            raise TransientSendError(ErrorKind.UPSTREAM, f"{route.host}: AUTH not offered (relay settings?)",
+                                     host=route.host)
         offered = smtp.esmtp_features.get("auth", "").upper().split()
         smtp.user, smtp.password = route.username or "", route.password or ""
         mechanism = "PLAIN" if "PLAIN" in offered else "LOGIN" if "LOGIN" in offered else None
         if mechanism is None:
-            raise PermanentSendError(ErrorKind.UNAUTHENTICATED, f"{route.host}: neither AUTH PLAIN nor LOGIN offered",
+            raise TransientSendError(ErrorKind.UPSTREAM, f"{route.host}: neither AUTH PLAIN nor LOGIN offered",
                                      host=route.host)
         authobject = smtp.auth_plain if mechanism == "PLAIN" else smtp.auth_login
         smtp.auth(mechanism, authobject, initial_response_ok=True)
@@ -235,7 +236,12 @@ class Relay:
                 smtp.close()
         except SendError:
             raise
-        except smtplib.SMTPResponseException as exc:  # includes SMTPAuthenticationError, SMTPDataError
+        except smtplib.SMTPAuthenticationError as exc:
+            # Our own credentials at our relay: the operator fixes them, the queued mails wait (4xx-like).
+            raise TransientSendError(ErrorKind.UPSTREAM, f"{host}: AUTH refused: {exc.smtp_code} "
+                                     f"{_text(exc.smtp_error)} (check the relay user and password)",
+                                     code=exc.smtp_code, reply=_text(exc.smtp_error), host=host) from exc
+        except smtplib.SMTPResponseException as exc:  # includes SMTPDataError
             raise _classify(exc.smtp_code, _text(exc.smtp_error), host, "command") from exc
         except smtplib.SMTPRecipientsRefused as exc:  # pragma: no cover - we send RCPT ourselves
             raise PermanentSendError(ErrorKind.NOT_FOUND, f"{host}: recipients refused", host=host) from exc

@@ -24,6 +24,11 @@ class TlsMode(str, enum.Enum):
     IMPLICIT = "tls"  # TLS from the first byte (SMTPS 465, IMAPS 993, POP3S 995)
     NONE = "none"  # no TLS (loopback and tests only; credentials are never sent in the clear)
 
+    @classmethod
+    def _missing_(cls, value: object) -> TlsMode | None:
+        """``implicit`` is accepted for ``tls`` (the word the settings and the README use)."""
+        return cls.IMPLICIT if isinstance(value, str) and value.lower() == "implicit" else None
+
 
 class Source(str, enum.Enum):
     """Which edge received a mail."""
