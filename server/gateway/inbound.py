@@ -300,7 +300,8 @@ class Inbound:
         text = f"stored with warnings: {', '.join(warnings)}" if warnings else None
         part = gw.NewPart(set_id=info.set_id, sender=normalize_address(strict.sender), total=info.total,
                           set_part=info.part, blob_sha256=sha, sop_instance_uid=parsed.sop_instance_uid,
-                          study_uid=info.study_uid or parsed.study_uid, message_id=mail.message_id)
+                          study_uid=info.study_uid or parsed.study_uid, message_id=mail.message_id,
+                          size=len(inner.dicom))
         mdn = self._mdn(site, outer, disposition_for(None, warning=bool(warnings)), text)
         try:
             result = gw.add_set_part(self.engine, site.tenant, part, self.clock(), mdn)

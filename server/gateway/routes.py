@@ -1,5 +1,6 @@
-"""The DICOM e-mail gateway's JSON API for the web UI: transfer jobs, inbound sets, quarantine (parse, call one
-service, render). Errors are rendered by the app's handlers (ServerError kind -> HTTP status, DICOM JSON body).
+"""The DICOM e-mail gateway's JSON API for the web UI: transfer jobs, inbound sets, quarantine, transfer
+statistics (JSON or CSV) (parse, call one service, render). Errors are rendered by the app's handlers
+(ServerError kind -> HTTP status, DICOM JSON body).
 """
 
 from __future__ import annotations
@@ -154,3 +155,43 @@ def discard_set(set_pk: int, principal: Caller, gateway: Gateway) -> dict:
 @router.get("/quarantine", description="Mails refused for import (unsigned, unverifiable, malformed), newest first.")
 def quarantine(principal: Caller, gateway: Gateway, offset: Offset = 0, limit: Limit = 50) -> dict:
     return _page(gateway.quarantine(principal, offset, limit), "mails", _quarantined)
+
+
+# ---- transfer statistics ---------------------------------------------------------------------------------------
+CSV_TYPE, JSON_TYPE = "text/csv", "application/json"
+FORMATS = ("json", "csv")
+
+
+def _wants_csv(format: str | None, accept: str | None) -> bool:
+    """``format`` decides (json, csv); without it an Accept header naming text/csv before application/json."""
+    if format:
+        if format.lower() not in FORMATS:
+            raise invalid(f"unknown format {format!r} (json or csv)", parameter="format")
+        return format.lower() == "csv"
+    types = [item.split(";")[0].strip().lower() for item in (accept or "").split(",")]
+    if CSV_TYPE not in types:
+        return False
+    return JSON_TYPE not in types or types.index(CSV_TYPE) < types.index(JSON_TYPE)
+
+
+@router.get("/statistics", description=(
+    "Transfer statistics of the tenant per period (Europe/Berlin calendar days or months, or the total), partner "
+    "site and direction: transfers, studies, instances, bytes, median and 95th percentile seconds from the order to "
+    "the last receipt (sent) or from the first to the last part (received; nearest-rank), failed jobs and sets by "
+    "reason, quarantined mails by reason. Rows with partner '*' are the totals over all partners. JSON, or CSV with "
+    "format=csv or Accept: text/csv."),
+    responses={200: {"content": {CSV_TYPE: {"schema": {"type": "string"}}}}})
+def statistics(request: Request, principal: Caller, gateway: Gateway,
+               period: Annotated[str | None, Query(description="day, month (default) or total")] = None,
+               start: Annotated[str | None, Query(alias="from", description="First day YYYY-MM-DD (Berlin)")] = None,
+               end: Annotated[str | None, Query(alias="to", description="Last day YYYY-MM-DD, inclusive")] = None,
+               partner: Annotated[str | None, Query(description="Partner mail address or Endpoint/<id>")] = None,
+               direction: Annotated[str | None, Query(description="sent, received or both (default)")] = None,
+               format: Annotated[str | None, Query(description="json (default) or csv")] = None) -> Response:
+    as_csv = _wants_csv(format, request.headers.get("accept"))
+    report = gateway.statistics(principal, period=period, start=start, end=end, partner=partner,
+                                direction=direction)
+    if as_csv:
+        return Response(report.to_csv(), media_type=f"{CSV_TYPE}; charset=utf-8",
+                        headers={"Content-Disposition": 'attachment; filename="transfer-statistics.csv"'})
+    return JSONResponse(report.to_json())

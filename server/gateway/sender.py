@@ -159,7 +159,8 @@ class Sender:
         mail, job = claimed.mail, claimed.job
         where = f"mail {mail.set_part}/{job.total} of job {job.job_id}"
         try:
-            for fragment in self._build(claimed, lookups):
+            fragments, size = self._build(claimed, lookups)
+            for fragment in fragments:
                 self.relay.send(fragment, job.sender_address, [job.recipient_address])
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the mail
             retryable, text = _verdict(exc, where)
@@ -167,10 +168,12 @@ class Sender:
                                                   retryable=retryable, policy=self.policy, rand=self._rand(),
                                                   also=self._also))
             return
-        self._book(where, lambda: mark_sent(self.engine, mail.tenant, mail.pk, self._clock(), also=self._also))
+        self._book(where, lambda: mark_sent(self.engine, mail.tenant, mail.pk, self._clock(), also=self._also,
+                                            size=size))
 
-    def _build(self, claimed: ClaimedMail, lookups: _Lookups) -> list[bytes]:
-        """The DRG mail of one instance, split into message/partial fragments over the size limit."""
+    def _build(self, claimed: ClaimedMail, lookups: _Lookups) -> tuple[list[bytes], int]:
+        """The DRG mail of one instance, split into message/partial fragments over the size limit, and the
+        instance's size in bytes."""
         mail, job = claimed.mail, claimed.job
         site = self.sites.of_tenant(job.tenant)
         recipient = _value(lookups.recipients[(job.tenant, job.recipient_endpoint)])
@@ -185,7 +188,7 @@ class Sender:
             mdn_to=job.sender_address, subject=self.settings.mail_subject, message_id=mail.message_id,
             emergency=job.priority >= Priority.STAT,
             encrypt=lambda inner: encrypt_and_sign(inner, [recipient.public_key], site.key, compress=False))
-        return split(raw, job.max_mail_size or recipient.max_mail_size)
+        return split(raw, job.max_mail_size or recipient.max_mail_size), len(dicom)
 
     def _read(self, digest: str, sop_uid: str) -> bytes:
         try:

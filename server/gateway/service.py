@@ -5,12 +5,13 @@ transactions); the FHIR Task mirror runs in the job's transaction (``server.gate
 Scopes (SMART v2, ``Principal.allows``): a transfer job is shown as its Task, so reading jobs, sets and the
 quarantine needs read on Task, queueing a job create on Task (and read on ImagingStudy: it sends the study),
 pause/resume/abort/retry and discarding a set update on Task, deleting a job delete on Task, importing a set
-create on ImagingStudy.
+create on ImagingStudy; the transfer statistics need read on Task like the lists.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
@@ -21,12 +22,14 @@ from typing import Protocol
 from server.config import Settings
 from server.errors import ErrorKind, ServerError, invalid, not_found
 from server.fhir.service import FhirService
-from server.gateway.directory import recipient_of
+from server.gateway import stats
+from server.gateway.directory import recipient_of, system_principal
 from server.gateway.jobs import STATES_BY_FILTER, Action, parse_filter, priority_of
-from server.gateway.sites import Sites
+from server.gateway.sites import Sites, normalize_address
 from server.gateway.tasks import current_task, generation_id, task_hook
 from server.security.tokens import Access, Principal
 from server.store import gateway as gw
+from server.store import gateway_stats as gs
 from server.store.archive import Archive
 from server.store.imaging import ImagingIndex
 
@@ -35,6 +38,8 @@ UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # PS3.5 9.1
 MAX_UID = 64
 MAX_LIMIT = 500
 SET_STATES = (gw.COLLECTING, gw.COMPLETE, gw.IMPORTED, gw.REPORTED, gw.DISCARDED)
+NAME_LOOKUP_BATCH = 50  # partner addresses per directory search (comma-separated alternatives)
+log = logging.getLogger(__name__)
 
 
 class Inbound(Protocol):
@@ -256,3 +261,86 @@ class GatewayService:
         _page(offset, limit)
         total, rows = gw.quarantined(self.engine, principal.tenant, offset=offset, limit=limit)
         return Page(total, tuple(rows))
+
+    # ---- transfer statistics ---------------------------------------------------------------------------------
+    def statistics(self, principal: Principal, *, period: str | None = None, start: str | None = None,
+                   end: str | None = None, partner: str | None = None,
+                   direction: str | None = None) -> stats.Report:
+        """The tenant's transfer statistics per period (day, month, total), partner site and direction
+        (``server.gateway.stats``), in [``start``, ``end``] (Berlin calendar days, inclusive); ``partner`` is an
+        address or ``Endpoint/<id>`` of the directory. Organization names come from the directory."""
+        _allow(principal, TASK, Access.READ)
+        tenant = principal.tenant
+        bucket, side = stats.parse_period(period), stats.parse_direction(direction)
+        first, last = stats.parse_day(start, "from"), stats.parse_day(end, "to")
+        lo, hi = stats.bounds(first, last)
+        address, endpoint = self._partner(tenant, partner)
+        transfers: list[stats.Transfer] = []
+        quarantined: list[stats.QuarantinedMail] = []
+        if side in (stats.Direction.SENT, stats.Direction.BOTH):
+            transfers += gs.sent_transfers(self.engine, tenant, lo, hi, address=address, endpoint=endpoint)
+        if side in (stats.Direction.RECEIVED, stats.Direction.BOTH) and (address or endpoint is None):
+            transfers += gs.received_transfers(self.engine, tenant, lo, hi, address=address)
+            quarantined = gs.quarantined_mails(self.engine, tenant, lo, hi, address=address)
+        names = self._organizations(tenant, {t.partner for t in transfers} | {q.partner for q in quarantined})
+        return stats.report(transfers, quarantined, period=bucket, direction=side, start=first, end=last,
+                            organizations=names)
+
+    def _partner(self, tenant: str, partner: str | None) -> tuple[str | None, str | None]:
+        """(address, Endpoint reference) of a partner filter: an address, or ``Endpoint/<id>`` with the address
+        the directory gives it (None when the Endpoint is gone: only jobs sent to it match then)."""
+        if partner is None or not partner.strip():
+            return None, None
+        partner = partner.strip()
+        if partner.startswith("Endpoint/"):
+            principal = system_principal(tenant)
+            try:
+                with self.fhir.store.transaction(tenant, write=False) as tx:
+                    endpoint = self.fhir.read_in(tx, principal, "Endpoint", partner[len("Endpoint/"):]).resource
+            except ServerError as exc:
+                if exc.kind is not ErrorKind.NOT_FOUND and getattr(exc, "status", None) != 410:
+                    raise
+                return None, partner
+            address = endpoint.get("address")
+            return (normalize_address(address) if isinstance(address, str) and "@" in address else None), partner
+        address = normalize_address(partner)
+        if "@" not in address:
+            raise invalid(f"partner {partner!r} is neither a mail address nor Endpoint/<id>", parameter="partner")
+        return address, None
+
+    def _organizations(self, tenant: str, addresses: set[str]) -> dict[str, str]:
+        """The directory's Organization names of partner addresses (Endpoint ``address`` -> its
+        ``managingOrganization``); a courtesy: a failed lookup is logged and the names stay absent."""
+        wanted = sorted(a for a in addresses if a and "@" in a)
+        if not wanted:
+            return {}
+        principal = system_principal(tenant)
+        org_of: dict[str, str] = {}
+        names: dict[str, str] = {}
+        try:
+            with self.fhir.store.transaction(tenant, write=False) as tx:
+                for i in range(0, len(wanted), NAME_LOOKUP_BATCH):
+                    chunk = set(wanted[i:i + NAME_LOOKUP_BATCH])
+                    value = ",".join("mailto:" + a.replace(",", "\\,") for a in sorted(chunk))
+                    bundle = self.fhir.search_in(tx, principal, "Endpoint", [("address", value), ("_count", "1000")],
+                                                 base="")
+                    for entry in bundle.get("entry", []):
+                        endpoint = entry.get("resource", {})
+                        address = endpoint.get("address")
+                        ref = (endpoint.get("managingOrganization") or {}).get("reference")
+                        if not isinstance(address, str) or not isinstance(ref, str):
+                            continue
+                        address = normalize_address(address)
+                        if address in chunk and ref.startswith("Organization/") and address not in org_of:
+                            org_of[address] = ref[len("Organization/"):]
+                for org in sorted(set(org_of.values())):
+                    try:
+                        name = self.fhir.read_in(tx, principal, "Organization", org).resource.get("name")
+                    except ServerError:
+                        continue
+                    if isinstance(name, str):
+                        names[org] = name
+        except ServerError as exc:
+            log.warning("transfer statistics of %s: organization names not looked up: %s", tenant, exc.message)
+            return {}
+        return {address: names[org] for address, org in org_of.items() if org in names}

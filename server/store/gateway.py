@@ -118,6 +118,7 @@ class Mail:
     acknowledged_at: float | None
     disposition: str | None
     last_error: str | None
+    size: int | None = None  # bytes of the DICOM instance, once sent
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class NewPart:
     sop_instance_uid: str | None = None
     study_uid: str | None = None
     message_id: str | None = None
+    size: int | None = None  # bytes of the DICOM instance
 
 
 @dataclass(frozen=True)
@@ -464,13 +466,17 @@ def claim_mails(engine: Engine, now: float, *, limit: int, lease: float,
     return [ClaimedMail(mail, jobs[mail.job_pk]) for mail in mails]
 
 
-def mark_sent(engine: Engine, tenant: str, mail_pk: int, now: float, also: JobHook | None = None) -> Mail:
-    """Record that the SMTP server accepted the mail; it now awaits its receipt."""
+def mark_sent(engine: Engine, tenant: str, mail_pk: int, now: float, also: JobHook | None = None, *,
+              size: int | None = None) -> Mail:
+    """Record that the SMTP server accepted the mail (``size``: bytes of its DICOM instance); it now awaits its
+    receipt."""
     with writer(engine).begin() as conn:
         mail = _mail_for_update(conn, tenant, M.c.pk == mail_pk)
         if mail is None:
             raise not_found(f"no outbound mail {mail_pk}")
         values: dict = {"sent_at": mail.sent_at or now}
+        if size is not None:
+            values["size"] = size
         if MailState(mail.state) in DUE:
             values.update(state=MailState.SENT.value, sent_at=now, lease_until=None, last_error=None)
         conn.execute(update(M).where(M.c.pk == mail_pk).values(**values))
@@ -707,7 +713,7 @@ def add_set_part(engine: Engine, tenant: str, part: NewPart, now: float, mdn: Ne
             return PartResult(s, True)
         conn.execute(insert(PT).values(tenant=tenant, set_pk=s.pk, set_part=part.set_part,
                                        sop_instance_uid=part.sop_instance_uid, blob_sha256=part.blob_sha256,
-                                       message_id=part.message_id, received_at=now))
+                                       message_id=part.message_id, received_at=now, size=part.size))
         parts_seen = s.parts_seen + 1
         state = COMPLETE if parts_seen == s.total and s.state in (COLLECTING, REPORTED) else s.state
         values = {"parts_seen": parts_seen, "state": state, "last_seen": now,

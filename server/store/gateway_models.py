@@ -11,7 +11,7 @@ Times are seconds since the epoch (UTC).
 
 from __future__ import annotations
 
-from sqlalchemy import Column, ForeignKey, Index, Integer, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, ForeignKey, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -76,6 +76,7 @@ class OutboundMail(SQLModel, table=True):
     acknowledged_at: float | None = None
     disposition: str | None = Field(default=None, max_length=128)
     last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    size: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))  # DICOM bytes sent
 
 
 class OutboundMdn(SQLModel, table=True):
@@ -164,6 +165,7 @@ class InboundPart(SQLModel, table=True):
     blob_sha256: str = Field(max_length=64)
     message_id: str | None = Field(default=None, max_length=255)
     received_at: float
+    size: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))  # DICOM bytes received
 
 
 class Quarantine(SQLModel, table=True):
