@@ -18,7 +18,7 @@ CORES = ["dicom", "dicomweb/multipart.py", "dicomweb/media.py", "dicomweb/status
          "fhir/profiles.py", "fhir/task.py",
          "fhir/subscription.py", "fhir/validation.py", "fhir/params.py", "fhir/imaging.py", "fhir/audit.py", "crypto",
          "mail/mime.py", "mail/drg.py", "mail/partial.py", "mail/mdn.py",
-         "gateway/jobs.py"]
+         "gateway/jobs.py", "gateway/stats.py", "gateway/policy.py", "gateway/sites.py"]
 EDGE_ONLY = {"fastapi", "starlette", "uvicorn", "aiosmtpd", "httpx"}
 STORE_ONLY = {"sqlmodel", "sqlalchemy", "alembic", "psycopg"}
 
