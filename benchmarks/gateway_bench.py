@@ -280,6 +280,14 @@ CATEGORIES = [  # first match walking from the innermost frame outwards
 ]
 
 
+#: functions whose inclusive share the summary always lists (matched by the name before " (file:line)")
+SELECTED = ("Sender._send_mail", "Sender._build", "build_instance_mail", "build_inner", "base64_lines",
+            "encrypt_and_sign", "armor", "crc24", "Relay.send", "_crlf", "SMTP.data", "Inbound._receive",
+            "Inbound._receipt", "SMTP.smtp_DATA", "StreamReader.readuntil", "parse_outer", "decrypt_and_verify",
+            "dearmor", "parse_inner", "decode_base64", "canonical", "check_lines", "store_blob", "_syncfs",
+            "Sender._send_mdn", "Engine.begin", "DefaultDialect.do_commit", "DefaultDialect.do_execute")
+
+
 def pyspy_available() -> str | None:
     return shutil.which("py-spy")
 
@@ -323,6 +331,7 @@ def summarize_pyspy(path: Path, top: int = 15) -> dict:
     """Self and inclusive sample shares per function and per category from py-spy's raw (collapsed) output."""
     if not path.exists():
         return {"error": f"{path} missing"}
+    sel_c: collections.Counter = collections.Counter()
     self_c: collections.Counter = collections.Counter()
     incl_c: collections.Counter = collections.Counter()
     cat_c: collections.Counter = collections.Counter()
@@ -341,6 +350,8 @@ def summarize_pyspy(path: Path, top: int = 15) -> dict:
         self_c[f"{leaf[0]} ({_short(leaf[1])})"] += n
         for k in {f"{name} ({_short(file)})" for name, file in keys}:
             incl_c[k] += n
+        for name in {name for name, _ in keys} & set(SELECTED):
+            sel_c[name] += n
         cat = "other"
         for _name, file in reversed(keys):
             hit = next((c for c, pats in CATEGORIES if any(p in file for p in pats)), None)
@@ -352,7 +363,8 @@ def summarize_pyspy(path: Path, top: int = 15) -> dict:
     return {"samples": total,
             "categories": [(k, pct(v)) for k, v in cat_c.most_common()],
             "self": [(k, pct(v)) for k, v in self_c.most_common(top)],
-            "inclusive": [(k, pct(v)) for k, v in incl_c.most_common(top * 2)]}
+            "selected_inclusive": [(k, pct(sel_c[k])) for k in SELECTED if sel_c[k]],
+            "inclusive": [(k, pct(v)) for k, v in incl_c.most_common(top * 5)], "raw": str(path)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -477,12 +489,17 @@ def transfer(a: Node, b: Node, study: Study, cfg: Config, args, *, profile_dir: 
         while True:
             time.sleep(args.poll)
             p0 = time.perf_counter()
-            r = h.get(f"/gateway/jobs/{job_id}")
+            # the job list (newest first) renders jobs without their mails: a light poll
+            r = h.get("/gateway/jobs", params={"limit": 1})
             poll_wall += time.perf_counter() - p0
             polls += 1
             if r.status_code != 200:
-                raise RuntimeError(f"GET job at A failed: {r.status_code} {r.text[:500]}")
-            job = r.json()
+                raise RuntimeError(f"GET /gateway/jobs at A failed: {r.status_code} {r.text[:500]}")
+            listed = r.json().get("jobs") or [{}]
+            if listed[0].get("id") == job_id:
+                job = listed[0]
+            else:  # not the newest (should not happen): the job itself
+                job = h.get(f"/gateway/jobs/{job_id}").json()
             state = job.get("state")
             timeline.append((round(time.perf_counter() - t0, 2), job.get("sent", 0), job.get("acknowledged", 0),
                              job.get("failed", 0)))
@@ -490,6 +507,9 @@ def transfer(a: Node, b: Node, study: Study, cfg: Config, args, *, profile_dir: 
                 break
         observed = time.perf_counter() - t0
         finished_wall = time.time()
+        r = h.get(f"/gateway/jobs/{job_id}")  # with its mails
+        if r.status_code == 200:
+            job = r.json()
     settle_s = settle(list(pids.values()))
     cpu = {k: tree_cpu(p) - cpu0[k] for k, p in pids.items()}
     for k, (proc, _) in spies.items():
@@ -499,19 +519,29 @@ def transfer(a: Node, b: Node, study: Study, cfg: Config, args, *, profile_dir: 
 
     mails = job.get("mails") or []
     acks = [t for t in (_mail_time(m, "acknowledged_at", "acknowledged") for m in mails) if t]
-    sents = [t for t in (_mail_time(m, "sent_at", "sent_time") for m in mails) if t]
-    server_e2e = (max(acks) - t0_wall) if len(acks) == n and max(acks) <= finished_wall + 1 else None
-    e2e = server_e2e if server_e2e is not None else observed
+    sents = [t for t in (_mail_time(m, "sent_at", "sent") for m in mails) if t]
+    # The job's state is polled every --poll s (the API's timestamps have whole seconds): the e2e time is when
+    # the poll first saw "finished", at most one poll interval (+ one request) after the last receipt.
+    e2e = observed
+
+    def first_at(i: int, at_least: int) -> float | None:
+        return next((t for t, *counts in timeline if counts[i] >= at_least), None)
+
     res.update({
-        "job_id": job_id, "state": state, "job_counts": {k: job.get(k) for k in ("total", "sent", "acknowledged",
-                                                                                 "failed")},
+        "job_id": job_id, "state": state,
+        "job_counts": {k: job.get(k) for k in ("images", "total", "sent", "acknowledged", "failed")},
         "mail_states": dict(collections.Counter(m.get("state") for m in mails)),
         "attempts_total": sum(int(m.get("attempts") or 0) for m in mails) if mails else None,
-        "e2e_s": round(e2e, 3), "e2e_source": "server acknowledged_at" if server_e2e is not None else "client poll",
-        "observed_finished_s": round(observed, 3), "job_create_s": round(created_s, 3),
-        "first_sent_s": round(min(sents) - t0_wall, 3) if sents else None,
-        "last_sent_s": round(max(sents) - t0_wall, 3) if sents else None,
-        "first_ack_s": round(min(acks) - t0_wall, 3) if acks else None,
+        "e2e_s": round(e2e, 3), "e2e_source": f"client poll every {args.poll} s",
+        "job_create_s": round(created_s, 3),
+        "first_sent_s": first_at(0, 1), "last_sent_s": first_at(0, n),
+        "first_ack_s": first_at(1, 1), "half_acked_s": first_at(1, (n + 1) // 2),
+        "server_clock": {"job_created": job.get("created"), "job_updated": job.get("updated"),
+                         "first_sent_s": round(min(sents) - t0_wall, 1) if sents else None,
+                         "last_sent_s": round(max(sents) - t0_wall, 1) if sents else None,
+                         "last_ack_s": round(max(acks) - t0_wall, 1) if acks else None,
+                         "resolution": "1 s (the API renders whole seconds)",
+                         "finished_observed_s": round(finished_wall - t0_wall, 3)},
         "mails_per_s": round(n / e2e, 2), "dicom_mb_per_s": round(study.nbytes / MB / e2e, 2),
         "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
         "cpu_ms_per_mail": {k: round(1000 * v / n, 2) for k, v in cpu.items()},
@@ -519,8 +549,8 @@ def transfer(a: Node, b: Node, study: Study, cfg: Config, args, *, profile_dir: 
         "settle_s": round(settle_s, 1), "polls": polls, "poll_client_wall_s": round(poll_wall, 2),
         "rss": rss.result(), "timeline": timeline,
     })
-    if sents and len(sents) == n:
-        res["send_rate_mails_per_s"] = round(n / (max(sents) - t0_wall), 2)
+    if res["last_sent_s"]:
+        res["send_rate_mails_per_s"] = round(n / res["last_sent_s"], 2)
     if state != "finished":
         bad = [m for m in mails if m.get("state") not in ("acknowledged-ok", "sent")][:5]
         res["error"] = f"job ended {state!r} after {observed:.0f} s: {json.dumps(job.get('error'))}; " \
@@ -536,7 +566,13 @@ def transfer(a: Node, b: Node, study: Study, cfg: Config, args, *, profile_dir: 
 def crypto_micro(a: Node, b: Node, study: Study, repeat: int) -> dict:
     """encrypt_and_sign(compress=False) / decrypt_and_verify with the nodes' RSA-3072 site keys, in process."""
     from server.crypto import decrypt_and_verify, encrypt_and_sign
+    from server.crypto.armor import MESSAGE, armor, crc24, dearmor
     from server.gateway.keys import load_key
+    try:
+        from server.mail.relay import _crlf
+    except ImportError:  # renamed or gone: the row shows 0
+        def _crlf(raw: bytes) -> bytes:
+            return raw
     from server.mail.drg import SetInfo, build_inner, build_instance_mail, parse_inner, parse_outer
 
     key_a, key_b = load_key(a.data, a.tenant), load_key(b.data, b.tenant)
@@ -565,6 +601,7 @@ def crypto_micro(a: Node, b: Node, study: Study, repeat: int) -> dict:
 
     msg_raw = encrypt_and_sign(dicom, [pub_b], key_a, compress=False)
     msg_inner = encrypt_and_sign(inner, [pub_b], key_a, compress=False)
+    msg_binary = dearmor(msg_inner)[1]
     raw_mail = build()
     outer = parse_outer(raw_mail)
     assert parse_inner(decrypt_and_verify(outer.encrypted, [key_b], [pub_a]).data).dicom == dicom
@@ -573,7 +610,11 @@ def crypto_micro(a: Node, b: Node, study: Study, repeat: int) -> dict:
         "decrypt_and_verify(instance)": measure(lambda: decrypt_and_verify(msg_raw, [key_b], [pub_a])),
         "encrypt_and_sign(inner entity)": measure(lambda: encrypt_and_sign(inner, [pub_b], key_a, compress=False)),
         "decrypt_and_verify(inner entity)": measure(lambda: decrypt_and_verify(msg_inner, [key_b], [pub_a])),
+        "  of which ASCII armor (base64 + CRC-24) of the message": measure(lambda: armor(MESSAGE, msg_binary)),
+        "  of which CRC-24 alone": measure(lambda: crc24(msg_binary)),
+        "  of which dearmor (CRC-24 check + base64 decode)": measure(lambda: dearmor(msg_inner)),
         "build_instance_mail (incl. encrypt+sign)": measure(build),
+        "relay's CRLF normalisation of the mail (`_crlf`)": measure(lambda: _crlf(raw_mail)),
         "parse_outer + decrypt_and_verify + parse_inner": measure(
             lambda: parse_inner(decrypt_and_verify(parse_outer(raw_mail).encrypted, [key_b], [pub_a]).data)),
     }
@@ -683,6 +724,8 @@ def machine_info() -> dict:
                                            capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
+    if not git.get("commit") and (REPO / ".bench-commit").exists():  # a `git archive` snapshot of a commit
+        git = {"commit": (REPO / ".bench-commit").read_text().strip(), "dirty": False, "snapshot": str(REPO)}
     try:
         nproc = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -775,6 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     n = len(study.instances)
     log(f"{n} instances, {study.nbytes / MB:.1f} MB ({study.nbytes / n / 1024:.0f} KiB each)")
 
+    out_path = args.out or RESULTS / f"gateway-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-", dir=args.tmp_dir))
     results: dict = {"runs": []}
     failures: list[str] = []
@@ -804,9 +848,9 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"STOW {n} instances at A")
                 results["stow_a"] = stow(a, study, args.stow_batch)
                 log(f"  STOW: {results['stow_a']['wall_s']} s, {results['stow_a']['mb_per_s']} MB/s")
-            profile_dir = (tmp / f"profile-{i}") if profiled else None
+            profile_dir = (out_path.parent / f"{out_path.stem}-pyspy") if profiled else None
             if profile_dir:
-                profile_dir.mkdir()
+                profile_dir.mkdir(parents=True, exist_ok=True)
             log(f"job A -> {name} ({cfg.settings or 'server defaults'})")
             try:
                 r = transfer(a, b, study, cfg, args, profile_dir=profile_dir)
@@ -864,6 +908,7 @@ def main(argv: list[str] | None = None) -> int:
                        "", "| where (innermost matching frame) | % |", "|---|---|"]
                 md += [f"| {name} | {p} |" for name, p in prof["categories"]] + [""]
                 md += ["| top self | % |", "|---|---|"] + [f"| `{name}` | {p} |" for name, p in prof["self"][:10]] + [""]
+                md += ["Inclusive: " + ", ".join(f"`{name}` {p} %" for name, p in prof["selected_inclusive"]), ""]
     if failures:
         md += ["**FAILED:**", ""] + [f"- {f}" for f in failures] + [""]
 
@@ -878,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
            **results, "default": default and default["label"], "best": best and best["label"],
            "failures": failures, "interrupted": interrupted, "elapsed_s": round(time.monotonic() - started, 1),
            "table_markdown": "\n".join(md)}
-    path = args.out or RESULTS / f"gateway-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path = out_path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, ensure_ascii=False))
     print("\n".join(md))
