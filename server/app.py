@@ -112,9 +112,9 @@ def create_app(settings: Settings, *, prepared: bool = False) -> FastAPI:
     app.state.stow = StowService(settings, blobs, archive)
     app.state.wado = WadoService(blobs, archive)
     app.state.qido = QidoService(settings, engine)
-    app.state.fhir = build_fhir_service(settings, engine)
     sites = Sites.load(settings.data_dir)
     app.state.sites = sites
+    app.state.fhir = build_fhir_service(settings, engine, sites=sites)
     inbound = Inbound(settings, engine, blobs, archive, app.state.fhir, sites,
                       also=task_hook(app.state.fhir, "/fhir"))  # operator set import in HTTP-only workers
 

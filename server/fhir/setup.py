@@ -14,6 +14,8 @@ from server.fhir.subscription import activate as activate_subscription
 from server.fhir.validation import check_content
 from server.fhir.imaging import ImagingStudyProjection, Options
 from server.fhir.service import FhirService, Listener, Projection, Validator
+from server.gateway.orders import OrderListener
+from server.gateway.sites import Sites
 from server.store.fhir import FhirStore
 from server.store.imaging import ImagingIndex
 
@@ -23,10 +25,11 @@ def validators(settings: Settings) -> dict[str, Validator]:
     return {"*": check_content, "Subscription": activate_subscription}
 
 
-def listeners(settings: Settings, engine: Engine) -> list[Listener]:
-    """Work done in the write transaction of every change (Subscription matching: FHIR R4 subscription.html)."""
+def listeners(settings: Settings, engine: Engine, sites: Sites | None = None) -> list[Listener]:
+    """Work done in the write transaction of every change (Subscription matching: FHIR R4 subscription.html;
+    a teleconsult ServiceRequest's order Tasks and transfer jobs: ``server.gateway.orders``)."""
     audit = [record_audit] if settings.fhir_audit else []
-    return [*audit, SubscriptionListener()]
+    return [*audit, OrderListener(settings, engine, sites=sites), SubscriptionListener()]
 
 
 def projections(settings: Settings, engine: Engine) -> dict[str, Projection]:
@@ -40,7 +43,12 @@ def projections(settings: Settings, engine: Engine) -> dict[str, Projection]:
     return {"ImagingStudy": ImagingStudyProjection(ImagingIndex(engine), Options(wado_base=wado))}
 
 
-def build_service(settings: Settings, engine: Engine) -> FhirService:
-    """The FhirService of an app."""
-    return FhirService(FhirStore(engine), validators=validators(settings),
-                       listeners=listeners(settings, engine), projections=projections(settings, engine))
+def build_service(settings: Settings, engine: Engine, *, sites: Sites | None = None) -> FhirService:
+    """The FhirService of an app (``sites``: the tenants' DICOM e-mail sites; loaded from the data folder when
+    first needed otherwise)."""
+    service = FhirService(FhirStore(engine), validators=validators(settings),
+                          listeners=listeners(settings, engine, sites), projections=projections(settings, engine))
+    for listener in service.listeners:
+        if isinstance(listener, OrderListener):
+            listener.bind(service)
+    return service

@@ -127,6 +127,7 @@ TASK_STATE_BY_JOB: Mapping[JobState, TaskState] = MappingProxyType({
 
 #: The Task.status values each businessStatus code may accompany (finer steps than the job states).
 STATUSES_BY_BUSINESS_STATUS: Mapping[str, frozenset[str]] = MappingProxyType({
+    "awaiting-study": frozenset({S.REQUESTED.value}),  # an order whose study has not arrived yet
     "transfer-queued": frozenset({S.READY.value, S.REQUESTED.value, S.ACCEPTED.value}),
     "transfer-running": frozenset({S.IN_PROGRESS.value}),
     "transfer-paused": frozenset({S.ON_HOLD.value}),

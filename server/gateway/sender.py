@@ -41,8 +41,11 @@ from server import __version__
 from server.config import Settings
 from server.crypto import encrypt_and_sign
 from server.errors import ErrorKind, ServerError
+from server.dicom.deidentify import Options as DeidOptions
+from server.dicom.deidentify import Pseudonymizer, load_profile
 from server.gateway.directory import Recipient, recipient_of
 from server.gateway.jobs import Priority
+from server.gateway.orders import mail_parts, sweep_waiting
 from server.gateway.policy import send_policy
 from server.gateway.sites import Sites
 from server.mail.drg import build_instance_mail
@@ -117,6 +120,7 @@ class Sender:
         self._rand = rand
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
+        self._deid_profile = None  # PS3.15 Table E.1-1, loaded at the first anonymised send
 
     # ---- instance mails ------------------------------------------------------------------------------------
     def send_due(self) -> int:
@@ -182,13 +186,29 @@ class Sender:
             raise ServerError(ErrorKind.NOT_FOUND, f"instance {mail.sop_instance_uid} is no longer in the archive "
                                                    f"(study {job.study_uid})")
         dicom = self._read(blob, mail.sop_instance_uid)
+        sop_uid, study_uid = mail.sop_instance_uid, job.study_uid
+        if job.deid_secret:  # anonymised order: de-identified now, the same bytes on every resend
+            dicom, sop_uid, study_uid = self._deidentified(job, dicom)
         raw = build_instance_mail(
-            dicom, sop_instance_uid=mail.sop_instance_uid, study_uid=job.study_uid, set_id=job.set_id,
+            dicom, sop_instance_uid=sop_uid, study_uid=study_uid, set_id=job.set_id,
             set_part=mail.set_part, set_total=job.total, sender=job.sender_address, recipient=job.recipient_address,
             mdn_to=job.sender_address, subject=self.settings.mail_subject, message_id=mail.message_id,
-            emergency=job.priority >= Priority.STAT,
+            emergency=job.priority >= Priority.STAT, parts=mail_parts(job),
             encrypt=lambda inner: encrypt_and_sign(inner, [recipient.public_key], site.key, compress=False))
         return split(raw, job.max_mail_size or recipient.max_mail_size), len(dicom)
+
+    def _deidentified(self, job: Job, dicom: bytes) -> tuple[bytes, str, str]:
+        """(bytes, SOP Instance UID, Study Instance UID) of an instance de-identified with the job's secret and
+        options (PS3.15 Annex E; the secret stays at this site, the Study UID is the set's STUDYID)."""
+        if self._deid_profile is None:
+            self._deid_profile = load_profile()
+        try:
+            options = DeidOptions(**json.loads(job.deid_options or "{}"))
+        except (TypeError, ValueError) as exc:
+            raise ServerError(ErrorKind.INVALID, f"job {job.job_id} has unusable de-identification options") from exc
+        pseudonymizer = Pseudonymizer(bytes.fromhex(job.deid_secret), options=options, profile=self._deid_profile)
+        done = pseudonymizer.deidentify(dicom)
+        return done.data, done.sop_instance_uid, pseudonymizer.new_uid(job.study_uid)
 
     def _read(self, digest: str, sop_uid: str) -> bytes:
         try:
@@ -253,6 +273,7 @@ class Sender:
         now = self._clock()
         timeout = self.settings.receipt_timeout_seconds
         moved = sweep_receipts(self.engine, now, timeout, self.policy, also=self._also)
+        moved += sweep_waiting(self.fhir) if self.fhir is not None else 0  # orders whose study has arrived
         if moved:
             log.info("%d sent mail(s) had no receipt within %.0f s: queued again or failed", moved, timeout)
         before = now - self.settings.incomplete_set_seconds

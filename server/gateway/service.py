@@ -23,7 +23,7 @@ from server.config import Settings
 from server.errors import ErrorKind, ServerError, invalid, not_found
 from server.fhir.service import FhirService
 from server.gateway import stats
-from server.gateway.directory import recipient_of, system_principal
+from server.gateway.directory import Recipient, recipient_of, system_principal
 from server.gateway.jobs import STATES_BY_FILTER, Action, parse_filter, priority_of
 from server.gateway.sites import Sites, normalize_address
 from server.gateway.tasks import current_task, generation_id, task_hook
@@ -92,6 +92,59 @@ def _allow(principal: Principal, resource: str, access: Access) -> None:
         raise ServerError(ErrorKind.FORBIDDEN, f"scope does not allow {access.name.lower()} on {resource}")
 
 
+def select_instances(index: ImagingIndex, tenant: str, study_uid: str, series_uids: Sequence[str] | None = None,
+                     sop_uids: Sequence[str] | None = None):
+    """The study row and the SOP Instance UIDs to send in stable order (series, then instance number);
+    NOT_FOUND when the study is not in the tenant's archive, INVALID for a series/instance not in it."""
+    study = index.study(tenant, study_uid)
+    if study is None or not study.number_of_instances:
+        raise not_found(f"study {study_uid} is not in the archive")
+    pairs = [(s.uid, i.sop_uid) for s in study.series for i in s.instances]
+    if series_uids:
+        known = {s.uid for s in study.series}
+        for uid in series_uids:
+            if uid not in known:
+                raise invalid(f"series {uid} is not in study {study_uid}", parameter="series")
+        wanted = set(series_uids)
+        pairs = [p for p in pairs if p[0] in wanted]
+    if sop_uids:
+        known = {p[1] for p in pairs}
+        for uid in sop_uids:
+            if uid not in known:
+                where = "the selected series" if series_uids else f"study {study_uid}"
+                raise invalid(f"instance {uid} is not in {where}", parameter="instances")
+        wanted = set(sop_uids)
+        pairs = [p for p in pairs if p[1] in wanted]
+    if not pairs:
+        raise not_found(f"study {study_uid} has no instances to send")
+    return study, [sop for _, sop in pairs]
+
+
+def new_job(index: ImagingIndex, fhir: FhirService, sites: Sites, tenant: str, *, study_uid: str,
+            recipient: str | Recipient, series_uids: Sequence[str] = (), sop_uids: Sequence[str] = (),
+            priority: int = 0, task_id: str | None = None,
+            pick: Callable[[list[str]], list[str]] | None = None, **order: str | None) -> gw.NewJob:
+    """The transfer job of a study (or some series/instances of it; ``pick`` narrows the instances further,
+    e.g. key images only) to ``recipient`` (a directory reference, or a resolved Recipient) from the tenant's
+    site: what both the job API and a teleconsult order (``server.gateway.orders``) queue. ``order``: the
+    order columns of ``gw.NewJob`` (order_ref, send_options, note, ...)."""
+    site = sites.of_tenant(tenant)
+    study, instances = select_instances(index, tenant, study_uid, series_uids, sop_uids)
+    if pick is not None:
+        instances = pick(instances)
+    target = recipient if isinstance(recipient, Recipient) else recipient_of(fhir, tenant, recipient)
+    selection = {k: list(v) for k, v in (("series", series_uids), ("instances", sop_uids)) if v}
+    return gw.NewJob(
+        study_uid=study_uid, instances=instances, recipient_address=target.address,
+        sender_address=site.address, set_id=uuid.uuid4().hex, priority=int(priority),
+        selection=json.dumps(selection) if selection else None,
+        recipient_endpoint=f"Endpoint/{target.endpoint_id}", recipient_fingerprint=target.fingerprint,
+        max_mail_size=target.max_mail_size, patient_name=_cut(study.patient_name),
+        study_description=_cut(study.description),
+        study_date=study.date if study.date and len(study.date) == 8 else None,
+        task_id=task_id or str(uuid.uuid4()), **order)
+
+
 class GatewayService:
     """Transfer jobs, inbound sets and quarantine of the tenants of one app."""
 
@@ -122,32 +175,6 @@ class GatewayService:
         return inbound if hasattr(inbound, "import_set") and hasattr(inbound, "discard_set") else None
 
     # ---- jobs ------------------------------------------------------------------------------------------------
-    def _selection(self, tenant: str, study_uid: str, series_uids: Sequence[str] | None,
-                   sop_uids: Sequence[str] | None):
-        """The study row and the SOP Instance UIDs to send in stable order (series, then instance number)."""
-        study = self.index.study(tenant, study_uid)
-        if study is None or not study.number_of_instances:
-            raise not_found(f"study {study_uid} is not in the archive")
-        pairs = [(s.uid, i.sop_uid) for s in study.series for i in s.instances]
-        if series_uids:
-            known = {s.uid for s in study.series}
-            for uid in series_uids:
-                if uid not in known:
-                    raise invalid(f"series {uid} is not in study {study_uid}", parameter="series")
-            wanted = set(series_uids)
-            pairs = [p for p in pairs if p[0] in wanted]
-        if sop_uids:
-            known = {p[1] for p in pairs}
-            for uid in sop_uids:
-                if uid not in known:
-                    where = "the selected series" if series_uids else f"study {study_uid}"
-                    raise invalid(f"instance {uid} is not in {where}", parameter="instances")
-            wanted = set(sop_uids)
-            pairs = [p for p in pairs if p[1] in wanted]
-        if not pairs:
-            raise not_found(f"study {study_uid} has no instances to send")
-        return study, [sop for _, sop in pairs]
-
     def create_transfer(self, principal: Principal, *, study_uid: str, series_uids: Sequence[str] | None = None,
                         sop_instance_uids: Sequence[str] | None = None, recipient: str, priority: str | None = None,
                         task_id: str | None = None) -> gw.Job:
@@ -163,19 +190,8 @@ class GatewayService:
         if not isinstance(recipient, str) or not recipient.strip():
             raise invalid("a transfer needs a recipient", parameter="recipient")
         level = priority_of(priority)
-        site = self.sites.of_tenant(tenant)
-        study, instances = self._selection(tenant, study_uid, series, sops)
-        target = recipient_of(self.fhir, tenant, recipient.strip())
-        selection = {k: v for k, v in (("series", series), ("instances", sops)) if v}
-        new = gw.NewJob(
-            study_uid=study_uid, instances=instances, recipient_address=target.address,
-            sender_address=site.address, set_id=uuid.uuid4().hex, priority=int(level),
-            selection=json.dumps(selection) if selection else None,
-            recipient_endpoint=f"Endpoint/{target.endpoint_id}", recipient_fingerprint=target.fingerprint,
-            max_mail_size=target.max_mail_size, patient_name=_cut(study.patient_name),
-            study_description=_cut(study.description),
-            study_date=study.date if study.date and len(study.date) == 8 else None,
-            task_id=task_id or str(uuid.uuid4()))
+        new = new_job(self.index, self.fhir, self.sites, tenant, study_uid=study_uid, recipient=recipient.strip(),
+                      series_uids=series, sop_uids=sops, priority=int(level), task_id=task_id)
         job = gw.create_job(self.engine, tenant, new, self.clock(), also=self.hook)
         self._woken()
         return job

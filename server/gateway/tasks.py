@@ -63,17 +63,18 @@ def task_state(job_state: JobState | str, counts: MailCounts) -> TaskState:
     return base
 
 
-def steps(current: str | None, wanted: TaskState) -> list[TaskState] | None:
+def steps(current: str | None, wanted: TaskState,
+          intermediate: dict[str, str] = INTERMEDIATE) -> list[TaskState] | None:
     """The Task versions that lead from ``current`` (None: no Task yet) to ``wanted`` along legal transitions,
     shortest first; None when ``wanted`` cannot be reached (``current`` is terminal). Intermediate versions
-    carry the businessStatus of ``INTERMEDIATE``; a wanted ``ready`` past ready is shown as in-progress."""
+    carry the businessStatus of ``intermediate``; a wanted ``ready`` past ready is shown as in-progress."""
     if current == wanted.status:
         return [wanted]
     if wanted.status == "ready" and current is not None:
         if current == "in-progress":
-            return [TaskState("in-progress", INTERMEDIATE["in-progress"])]
-        wanted = TaskState("in-progress", INTERMEDIATE["in-progress"])
-    allowed = set(INTERMEDIATE) | {wanted.status}
+            return [TaskState("in-progress", intermediate["in-progress"])]
+        wanted = TaskState("in-progress", intermediate["in-progress"])
+    allowed = set(intermediate) | {wanted.status}
     starts = [s for s in sorted(INITIAL_STATUSES) if s in allowed] if current is None else [current]
     queue = deque((s, [s]) for s in starts)
     seen = set(starts)
@@ -81,7 +82,7 @@ def steps(current: str | None, wanted: TaskState) -> list[TaskState] | None:
         status, path = queue.popleft()
         if status == wanted.status:
             first = 0 if current is None else 1
-            return [TaskState(s, INTERMEDIATE[s]) for s in path[first:-1]] + [wanted]
+            return [TaskState(s, intermediate[s]) for s in path[first:-1]] + [wanted]
         for nxt in sorted(TRANSITIONS.get(status, ())):
             if nxt in allowed and nxt not in seen:
                 seen.add(nxt)
@@ -155,6 +156,10 @@ def resource(job: gw.Job, state: TaskState) -> dict:
         "input": inputs,
         "output": [{"type": _param(code), "valueUnsignedInt": int(getattr(job, name))} for code, name in OUTPUTS],
     }
+    if job.order_task:  # an order's transfer: a sub-Task of the order's Task (teleconsult-task)
+        task["partOf"] = [{"reference": f"Task/{job.order_task}"}]
+    if job.order_ref:
+        task["basedOn"] = [{"reference": job.order_ref}]
     if state.status in ("failed", "rejected") or (job.error and state.status != "completed"):
         task["statusReason"] = {"text": job.error or state.business_status}
     return task
@@ -221,4 +226,48 @@ def _mirror_job(fhir: FhirService, conn, job: gw.Job, base: str) -> None:
                 steps(stored.resource().get("status"), CANCELLED) is not None:
             mirror(fhir, tx, job, CANCELLED, base=base)
         return
-    mirror(fhir, tx, job, task_state(job.state, counts), base=base)
+    state = task_state(job.state, counts)
+    mirror(fhir, tx, job, state, base=base)
+    if job.order_task:
+        follow_order(fhir, tx, job, state, base=base)
+
+
+#: The order Task (teleconsult-task, status ``requested`` at creation) as its transfer moves: the transfer's
+#: status and businessStatus, except that a queued transfer leaves the order ``requested`` and a delivered one
+#: leaves it ``in-progress`` with ``delivered`` (waiting for the consultant's reply).
+ORDER_BY_TRANSFER: dict[str, TaskState] = {"ready": TaskState("requested", "transfer-queued"),
+                                           "completed": TaskState("in-progress", "delivered")}
+#: businessStatus of an order Task's status passed on the way (requested -> accepted -> in-progress ...).
+ORDER_INTERMEDIATE: dict[str, str] = {"accepted": "transfer-queued", "in-progress": "transfer-running",
+                                      "on-hold": "transfer-paused"}
+
+
+def order_state(transfer: TaskState) -> TaskState:
+    """The order Task's status and businessStatus for its transfer Task's ``transfer`` state."""
+    return ORDER_BY_TRANSFER.get(transfer.status, transfer)
+
+
+def follow_order(fhir: FhirService, tx: FhirTx, job: gw.Job, transfer: TaskState, *, base: str = "") -> None:
+    """Move the order's Task (``job.order_task``) along legal transitions to follow its transfer; a terminal or
+    deleted order Task (e.g. failed before a retry, cancelled by the EHR) stays as it is."""
+    stored = tx.current("Task", job.order_task)
+    if stored is None or stored.deleted:
+        return
+    old = stored.resource()
+    wanted = order_state(transfer)
+    path = steps(old.get("status"), wanted, ORDER_INTERMEDIATE)
+    if path is None:
+        return
+    principal = system_principal(job.tenant)
+    for state in path:
+        new = {k: v for k, v in old.items() if k not in ("meta", "statusReason")}
+        new["meta"] = {"profile": (old.get("meta") or {}).get("profile", [])}
+        new["status"] = state.status
+        new["businessStatus"] = {"coding": [{"system": BUSINESS_STATUS_SYSTEM, "code": state.business_status}]}
+        new["lastModified"] = instant(job.updated)
+        if state.status in ("failed", "rejected", "cancelled") or (job.error and state.status != "completed"):
+            new["statusReason"] = {"text": job.error or state.business_status}
+        if all(new.get(k) == old.get(k) for k in ("status", "businessStatus", "statusReason")):
+            continue
+        fhir.update_in(tx, principal, new, None, base)
+        old = new

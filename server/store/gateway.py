@@ -68,6 +68,13 @@ class NewJob:
     study_date: str | None = None
     task_id: str | None = None
     job_id: str | None = None  # public id; generated when absent
+    order_ref: str | None = None  # an order's job (server.gateway.orders): "ServiceRequest/<id>"
+    order_task: str | None = None  # the order's Task id
+    send_options: str | None = None  # send-option codes, comma-separated
+    note: str | None = None  # short-note text sent in every mail
+    order_json: str | None = None  # the order.json part sent in every mail
+    deid_secret: str | None = None  # anonymised: the per-job secret (hex), never sent
+    deid_options: str | None = None  # anonymised: the Annex E options (JSON)
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,18 @@ class Job:
     task_id: str | None
     created: float
     updated: float
+    order_ref: str | None = None
+    order_task: str | None = None
+    send_options: str | None = None
+    note: str | None = None
+    order_json: str | None = None
+    deid_secret: str | None = None
+    deid_options: str | None = None
+
+    @property
+    def options(self) -> frozenset[str]:
+        """The send-option codes of an order's job (empty for a plain transfer)."""
+        return frozenset(o for o in (self.send_options or "").split(",") if o)
 
 
 @dataclass(frozen=True)
@@ -250,23 +269,31 @@ def create_job(engine: Engine, tenant: str, new: NewJob, now: float, also: JobHo
     """Queue a job with one mail per instance (parts 1..N) in one transaction; ``also`` runs in it too."""
     if not new.instances:
         raise invalid("a transfer job needs at least one instance")
+    with writer(engine).begin() as conn:
+        return create_job_in(conn, tenant, new, now, also)
+
+
+def create_job_in(conn: Connection, tenant: str, new: NewJob, now: float, also: JobHook | None = None) -> Job:
+    """``create_job`` inside the caller's transaction (e.g. the FHIR write of the order that causes it)."""
+    if not new.instances:
+        raise invalid("a transfer job needs at least one instance")
     job_id = new.job_id or uuid.uuid4().hex
     values = {f.name: getattr(new, f.name) for f in dataclasses.fields(NewJob)
               if f.name not in ("instances", "job_id")}
-    with writer(engine).begin() as conn:
-        try:
+    try:
+        with conn.begin_nested():
             pk = conn.execute(insert(J).values(
                 tenant=tenant, job_id=job_id, state=JobState.WAITING.value, total=len(new.instances), sent=0,
                 acknowledged=0, failed=0, error=None, created=now, updated=now, **values)).inserted_primary_key[0]
-        except IntegrityError as exc:
-            raise ServerError(ErrorKind.CONFLICT, f"transfer job {job_id} exists") from exc
-        conn.execute(insert(M), [
-            {"tenant": tenant, "job_pk": pk, "set_part": i, "sop_instance_uid": uid, "message_id": None,
-             "state": MailState.QUEUED.value, "attempts": 0, "run_after": now}
-            for i, uid in enumerate(new.instances, start=1)])
-        job = _job(conn.execute(select(J).where(J.c.pk == pk)).one())
-        if also is not None:
-            also(conn, job)
+    except IntegrityError as exc:
+        raise ServerError(ErrorKind.CONFLICT, f"transfer job {job_id} exists") from exc
+    conn.execute(insert(M), [
+        {"tenant": tenant, "job_pk": pk, "set_part": i, "sop_instance_uid": uid, "message_id": None,
+         "state": MailState.QUEUED.value, "attempts": 0, "run_after": now}
+        for i, uid in enumerate(new.instances, start=1)])
+    job = _job(conn.execute(select(J).where(J.c.pk == pk)).one())
+    if also is not None:
+        also(conn, job)
     return job
 
 

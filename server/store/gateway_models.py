@@ -48,6 +48,14 @@ class TransferJob(SQLModel, table=True):
     task_id: str | None = Field(default=None, max_length=64)
     created: float
     updated: float
+    # a job caused by a teleconsult order (server.gateway.orders): the order and its send options
+    order_ref: str | None = Field(default=None, max_length=128)  # "ServiceRequest/<id>"
+    order_task: str | None = Field(default=None, max_length=64)  # the order's Task id (the transfer Task's partOf)
+    send_options: str | None = Field(default=None, max_length=256)  # send-option codes, comma-separated
+    note: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # short-note text, every mail
+    order_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # order.json, every mail
+    deid_secret: str | None = Field(default=None, max_length=128)  # anonymised: per-job secret (hex), never sent
+    deid_options: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # Annex E options JSON
 
 
 class OutboundMail(SQLModel, table=True):

@@ -1,0 +1,448 @@
+"""Teleconsult orders at the requesting site (A): a ``ServiceRequest`` makes its order Task and its transfers
+(issue 5; DESIGN.md section 1 flow 2, FHIR R4 workflow: ServiceRequest = authorisation, Task = execution).
+
+``OrderListener`` is a FHIR write listener (``server.fhir.service.Listener``): when a teleconsult ServiceRequest
+(profile teleconsult-servicerequest, status ``active``, a ``consult-kind`` code, ``performer`` the recipient
+sites) is created, it writes, IN THE SAME TRANSACTION, one order Task (profile teleconsult-task, ``requested``,
+``basedOn``/``focus`` the ServiceRequest, ``owner`` the performer) per performer and, when the study named in
+``supportingInfo`` is in the tenant's archive, one transfer job per performer (``server.gateway.service.new_job``
++ ``server.store.gateway.create_job_in``) whose transfer Task is ``partOf`` the order Task. A study that has not
+arrived yet (an ImagingStudy reference by identifier ``urn:dicom:uid`` | ``urn:oid:<uid>``) leaves the order
+Task ``requested`` with businessStatus ``awaiting-study``; ``sweep_waiting`` (called by the sender's sweep)
+starts the transfers once it is there. A bad order raises ``Unprocessable`` (422): nothing is stored or sent.
+
+Send options (CodeSystem send-option, ``orderDetail``), applied to the job:
+
+* ``key-images-only``: the study's Key Object Selection documents and the instances they select
+  (``server.dicom.kos.select_key_images``; 422 when the study has none);
+* ``anonymised``: a random secret per job (kept in the job row, never sent) with which the sender de-identifies
+  every instance at send time (``server.dicom.deidentify.Pseudonymizer``, Basic Profile; deterministic, so a
+  resend is byte-identical and the map can be recomputed for ``relink``);
+* ``short-note``: the order's note (at most 1,000 characters) as a ``text/plain`` part of every mail;
+* ``with-report``: the study's own SR and Encapsulated PDF instances travel (with ``key-images-only`` they are
+  added to the key images). A ``DiagnosticReport`` in ``supportingInfo`` (to be converted to an Encapsulated
+  PDF) is refused as not supported yet;
+* emergency = ``priority`` ``stat``: job priority 3 (sent first, flagged in the mails).
+
+Every mail of an order's job also carries ``order_part`` (``order.json``, a FHIR ServiceRequest without patient
+data) for recipients of DRG profile 1.6 or later; a 1.5 recipient gets the DICOM part only and cannot take a
+``short-note`` (422).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from server.config import Settings
+from server.dicom.deidentify import Options as DeidOptions
+from server.dicom.kos import InstanceRef, is_key_object, key_object_references, select_key_images
+from server.errors import ErrorKind, ServerError
+from server.fhir.outcome import Unprocessable
+from server.fhir.service import FhirService
+from server.fhir.task import BUSINESS_STATUS_SYSTEM, TaskState
+from server.gateway.directory import Recipient, recipient_of, system_principal
+from server.gateway.jobs import priority_of
+from server.gateway.service import new_job
+from server.gateway.sites import Sites
+from server.gateway.tasks import ORDER_INTERMEDIATE, TASK_CODE_SYSTEM, instant, steps, task_hook
+from server.mail.drg import Part, note as note_part
+from server.security.tokens import Principal
+from server.store import gateway as gw
+from server.store.archive import Archive
+from server.store.blobs import BlobStore
+from server.store.fhir import FhirTx, Stored
+from server.store.imaging import ImagingIndex
+
+log = logging.getLogger(__name__)
+
+BASE = "https://telerad-bridge.de/fhir"
+ORDER_SYSTEM = f"{BASE}/sid/order"  # identifier of A's order as it travels: "<ServiceRequest id>@<A's address>"
+CONSULT_KIND_SYSTEM = f"{BASE}/CodeSystem/consult-kind"
+SEND_OPTION_SYSTEM = f"{BASE}/CodeSystem/send-option"
+ORDER_TASK_PROFILE = f"{BASE}/StructureDefinition/teleconsult-task"
+DICOM_UID_SYSTEM = "urn:dicom:uid"
+OID_PREFIX = "urn:oid:"
+ORDER_MEDIA_TYPE = "application/fhir+json"
+ORDER_FILENAME = "order.json"
+MAX_NOTE = 1000  # characters of the order's note (issue 5: short note)
+ORDER_INTENTS = frozenset({"order", "original-order"})
+#: consult kinds that are no transfer of a study of ours (a priors request asks the other site to send).
+NOT_TRANSFERS = frozenset({"prior-request"})
+KEY_IMAGES, ANONYMISED, WITH_REPORT, SHORT_NOTE = "key-images-only", "anonymised", "with-report", "short-note"
+SEND_OPTIONS = frozenset({KEY_IMAGES, ANONYMISED, WITH_REPORT, SHORT_NOTE})
+#: DRG profile versions whose receivers take non-DICOM parts beside the DICOM one (note, order.json).
+EXTRA_PARTS_VERSIONS = frozenset({"1.6", "1.7"})
+#: SOP Classes of reports sent with ``with-report`` (PS3.4 B.5: SR documents 1.2.840.10008.5.1.4.1.1.88.x,
+#: Encapsulated PDF 1.2.840.10008.5.1.4.1.1.104.1).
+REPORT_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.104.1")
+AWAITING_STUDY, QUEUED = "awaiting-study", "transfer-queued"
+TASK_NAMESPACE = uuid.UUID("6f1c3f0e-5b1e-4c47-9a8e-0d7f2c1b9a51")  # order Task ids: uuid5(tenant/sr/index)
+SWEEP_BATCH = 100
+
+
+# ---- the order as a value -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Order:
+    """What a teleconsult ServiceRequest asks for."""
+
+    id: str
+    performers: tuple[str, ...]  # "HealthcareService/x", "Organization/y", ...
+    study_uid: str
+    options: frozenset[str]
+    priority: str
+    note: str | None
+
+
+def _issue(code: str, message: str, expression: str) -> dict:
+    return {"severity": "error", "code": code, "diagnostics": message, "expression": [expression]}
+
+
+def _refuse(code: str, message: str, expression: str) -> Unprocessable:
+    return Unprocessable([_issue(code, message, expression)])
+
+
+def is_order(sr: dict) -> bool:
+    """Whether a new ServiceRequest is a teleconsult order of this site that sends a study: active, intent
+    order, a consult-kind code that is a transfer, a performer; not an order received from another site (it
+    carries the sender's ``ORDER_SYSTEM`` identifier)."""
+    if sr.get("resourceType") != "ServiceRequest" or sr.get("status") != "active":
+        return False
+    if sr.get("intent") not in ORDER_INTENTS or not sr.get("performer"):
+        return False
+    if any(isinstance(i, dict) and i.get("system") == ORDER_SYSTEM for i in sr.get("identifier") or ()):
+        return False
+    kinds = [c.get("code") for c in (sr.get("code") or {}).get("coding") or ()
+             if isinstance(c, dict) and c.get("system") == CONSULT_KIND_SYSTEM]
+    return bool(kinds) and not any(k in NOT_TRANSFERS for k in kinds)
+
+
+def _study_of(ref: dict) -> tuple[str | None, bool]:
+    """(Study Instance UID, literal?) of a supportingInfo reference to an ImagingStudy, (None, _) otherwise."""
+    literal = ref.get("reference")
+    if isinstance(literal, str) and literal.startswith("ImagingStudy/"):
+        return literal[len("ImagingStudy/"):], True
+    ident = ref.get("identifier") or {}
+    value = ident.get("value")
+    if ref.get("type") in (None, "ImagingStudy") and ident.get("system") == DICOM_UID_SYSTEM \
+            and isinstance(value, str) and value.startswith(OID_PREFIX):
+        return value[len(OID_PREFIX):], False
+    return None, False
+
+
+def parse_order(sr: dict) -> Order:
+    """The order of a teleconsult ServiceRequest; ``Unprocessable`` naming the element at fault."""
+    issues = []
+    performers = []
+    for i, p in enumerate(sr.get("performer") or ()):
+        ref = p.get("reference") if isinstance(p, dict) else None
+        if not isinstance(ref, str) or "/" not in ref:
+            issues.append(_issue("required", "a performer must reference the recipient site of the directory",
+                                 f"ServiceRequest.performer[{i}]"))
+        else:
+            performers.append(ref)
+    studies = []
+    for i, ref in enumerate(sr.get("supportingInfo") or ()):
+        if not isinstance(ref, dict):
+            continue
+        uid, _ = _study_of(ref)
+        if uid is not None:
+            studies.append(uid)
+        elif str(ref.get("reference", "")).startswith("DiagnosticReport/") or ref.get("type") == "DiagnosticReport":
+            issues.append(_issue("not-supported", "a DiagnosticReport to send with the order is not supported yet; "
+                                 "the study's own SR and PDF instances travel with 'with-report'",
+                                 f"ServiceRequest.supportingInfo[{i}]"))
+    if len(set(studies)) != 1:
+        issues.append(_issue("required", "supportingInfo must name exactly one ImagingStudy (a reference, or an "
+                             "identifier urn:dicom:uid | urn:oid:<Study Instance UID>)", "ServiceRequest.supportingInfo"))
+    options = set()
+    for i, detail in enumerate(sr.get("orderDetail") or ()):
+        for coding in (detail or {}).get("coding") or ():
+            if coding.get("system") == SEND_OPTION_SYSTEM and coding.get("code") in SEND_OPTIONS:
+                options.add(coding["code"])
+    texts = [n.get("text") for n in sr.get("note") or () if isinstance(n, dict) and n.get("text")]
+    note = "\n\n".join(texts) if texts else None
+    if note is not None and len(note) > MAX_NOTE:
+        issues.append(_issue("value", f"the note has {len(note)} characters; at most {MAX_NOTE} travel with an "
+                             "order", "ServiceRequest.note"))
+    if SHORT_NOTE in options and not note:
+        issues.append(_issue("required", "the send option short-note needs a note", "ServiceRequest.note"))
+    if issues:
+        raise Unprocessable(issues)
+    return Order(sr["id"], tuple(performers), studies[0], frozenset(options), sr.get("priority") or "routine",
+                 note)
+
+
+def order_part(service_request: dict, *, site_address: str) -> Part:
+    """The ``order.json`` part every instance mail of an order's job carries: a FHIR R4 ServiceRequest with the
+    order's identifier (``<id>@<A's site address>``), code, priority, send options, note, reason, authoredOn and
+    the requester's display. No patient data (the patient travels in the DICOM, pseudonymised when anonymised)."""
+    sr = service_request
+    order: dict = {"resourceType": "ServiceRequest", "status": "active", "intent": "order",
+                   "identifier": [{"system": ORDER_SYSTEM, "value": f"{sr.get('id')}@{site_address}"}]}
+    if sr.get("code"):
+        order["code"] = sr["code"]
+    order["priority"] = sr.get("priority") or "routine"
+    details = [{"coding": [c for c in (d or {}).get("coding") or () if c.get("system") == SEND_OPTION_SYSTEM]}
+               for d in sr.get("orderDetail") or ()]
+    details = [d for d in details if d["coding"]]
+    if details:
+        order["orderDetail"] = details
+    notes = [{"text": n["text"]} for n in sr.get("note") or () if isinstance(n, dict) and n.get("text")]
+    if notes:
+        order["note"] = notes
+    if sr.get("reasonCode"):
+        order["reasonCode"] = sr["reasonCode"]
+    if sr.get("authoredOn"):
+        order["authoredOn"] = sr["authoredOn"]
+    display = (sr.get("requester") or {}).get("display")
+    if display:
+        order["requester"] = {"display": display}
+    data = json.dumps(order, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return Part(content_type=ORDER_MEDIA_TYPE, data=data, filename=ORDER_FILENAME)
+
+
+def mail_parts(job: gw.Job) -> list[Part]:
+    """The non-DICOM parts of every instance mail of ``job``: the short note, then order.json."""
+    parts = []
+    if SHORT_NOTE in job.options and job.note:
+        parts.append(note_part(job.note))
+    if job.order_json:
+        parts.append(Part(content_type=ORDER_MEDIA_TYPE, data=job.order_json.encode("utf-8"),
+                          filename=ORDER_FILENAME))
+    return parts
+
+
+def order_task_id(tenant: str, sr_id: str, index: int) -> str:
+    """The id of the order Task for the ``index``-th performer of a ServiceRequest (stable, so a sweep finds it)."""
+    return str(uuid.uuid5(TASK_NAMESPACE, f"{tenant}/{sr_id}/{index}"))
+
+
+def order_task(sr: dict, performer: str, business_status: str, now: float) -> dict:
+    """The order's Task for one performer (teleconsult-task), created ``requested``."""
+    task: dict = {
+        "resourceType": "Task",
+        "meta": {"profile": [ORDER_TASK_PROFILE]},
+        "status": "requested",
+        "businessStatus": {"coding": [{"system": BUSINESS_STATUS_SYSTEM, "code": business_status}]},
+        "intent": "order",
+        "priority": sr.get("priority") or "routine",
+        "code": {"coding": [{"system": TASK_CODE_SYSTEM, "code": "fulfill"}]},
+        "description": "Teleconsult order: transfer of the study and the consultant's reply",
+        "basedOn": [{"reference": f"ServiceRequest/{sr['id']}"}],
+        "focus": {"reference": f"ServiceRequest/{sr['id']}"},
+        "authoredOn": instant(now),
+        "lastModified": instant(now),
+        "owner": {"reference": performer},
+    }
+    subject = sr.get("subject")
+    if isinstance(subject, dict) and str(subject.get("reference", "")).startswith("Patient/"):
+        task["for"] = subject
+    if isinstance(sr.get("requester"), dict):
+        task["requester"] = sr["requester"]
+    return task
+
+
+# ---- the listener -------------------------------------------------------------------------------------------
+class OrderListener:
+    """FHIR write listener: a new teleconsult ServiceRequest makes its order Tasks and transfer jobs in the write
+    transaction (see the module docstring). ``bind`` gives it the FhirService it writes through."""
+
+    def __init__(self, settings: Settings, engine, *, sites: Sites | Callable[[], Sites] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.index = ImagingIndex(engine)
+        self.archive = Archive(engine)
+        self.blobs = BlobStore(settings.data_dir, fsync=settings.fsync)
+        self._sites = sites
+        self.clock = clock
+        self.fhir: FhirService | None = None
+        self.hook = None
+
+    def bind(self, fhir: FhirService) -> None:
+        """The FhirService this listener is registered with (Tasks are written through it)."""
+        self.fhir = fhir
+        self.hook = task_hook(fhir, "/fhir", strict=True)
+
+    @property
+    def sites(self) -> Sites:
+        sites = self._sites
+        if sites is None:
+            sites = self._sites = Sites.load(self.settings.data_dir)
+        elif callable(sites) and not isinstance(sites, Sites):
+            sites = sites()
+        return sites
+
+    def __call__(self, tx: FhirTx, principal: Principal, interaction: str, new: Stored, old: Stored | None) -> None:
+        if interaction != "create" or new.resource_type != "ServiceRequest" or new.deleted or self.fhir is None:
+            return
+        sr = new.resource()
+        if is_order(sr):
+            self.order(tx, sr)
+
+    # -- placing an order ----------------------------------------------------------------------------------
+    def order(self, tx: FhirTx, sr: dict) -> list[str]:
+        """Check the order, write its Tasks and (study present) its jobs; returns the order Task ids."""
+        tenant = tx.tenant
+        order = parse_order(sr)
+        try:
+            site = self.sites.of_tenant(tenant)
+        except ServerError as exc:
+            raise _refuse("not-supported", f"this site cannot send DICOM e-mail: {exc.message}",
+                          "ServiceRequest.performer") from exc
+        targets = [self._recipient(tenant, ref, order, f"ServiceRequest.performer[{i}]")
+                   for i, ref in enumerate(order.performers)]
+        present = self._present(tenant, order.study_uid)
+        if present:
+            self._check_study(tenant, order)
+        now = self.clock()
+        ids = []
+        for i, (ref, target) in enumerate(zip(order.performers, targets)):
+            task_id = order_task_id(tenant, order.id, i)
+            task = order_task(sr, ref, QUEUED if present else AWAITING_STUDY, now)
+            self.fhir.create_in(tx, system_principal(tenant), task, base="/fhir", new_id=task_id)
+            if present:
+                self._start(tx, sr, order, target, task_id, site.address)
+            ids.append(task_id)
+        return ids
+
+    def _recipient(self, tenant: str, ref: str, order: Order, where: str) -> Recipient:
+        try:
+            target = recipient_of(self.fhir, tenant, ref, default_max_mail_size=self.settings.default_max_mail_size)
+        except ServerError as exc:
+            code = "not-found" if exc.kind is ErrorKind.NOT_FOUND else "value"
+            raise _refuse(code, f"no usable DICOM e-mail recipient: {exc.message}", where) from exc
+        if SHORT_NOTE in order.options and target.drg_profile_version not in EXTRA_PARTS_VERSIONS:
+            raise _refuse("not-supported", f"{ref} speaks DRG profile {target.drg_profile_version}, which carries "
+                          "no note beside the DICOM part: short-note cannot be sent there", where)
+        return target
+
+    def _present(self, tenant: str, study_uid: str) -> bool:
+        study = self.index.study(tenant, study_uid)
+        return study is not None and bool(study.number_of_instances)
+
+    def _check_study(self, tenant: str, order: Order) -> None:
+        """Refuse options the present study cannot satisfy (key images only without a KOS)."""
+        if KEY_IMAGES in order.options:
+            self._pick(tenant, order.study_uid, order.options)(None)
+
+    def _pick(self, tenant: str, study_uid: str, options: frozenset[str]):
+        """The ``pick`` of ``new_job`` for the options: key images (+ reports with with-report); None = all."""
+        if KEY_IMAGES not in options:
+            return None
+
+        def pick(instances: list[str] | None) -> list[str]:
+            rows = self.archive.instances(tenant, study_uid)
+            refs = [InstanceRef.from_row(r) for r in rows]
+            kos = [key_object_references(self._blob(r.blob)) for r in rows if is_key_object(r.sop_class_uid)]
+            try:
+                chosen = {i.sop_uid for i in select_key_images(refs, kos).instances}
+            except ServerError as exc:
+                raise _refuse("value", exc.message, "ServiceRequest.orderDetail") from exc
+            if WITH_REPORT in options:
+                chosen |= {r.sop_uid for r in rows if r.sop_class_uid.startswith(REPORT_SOP_PREFIXES)}
+            order = instances if instances is not None else [r.sop_uid for r in rows]
+            return [uid for uid in order if uid in chosen]
+        return pick
+
+    def _blob(self, digest: str) -> bytes:
+        try:
+            return self.blobs.path_of(digest).read_bytes()
+        except OSError as exc:
+            raise ServerError(ErrorKind.RESOURCES, "cannot read a Key Object Selection document of the study") \
+                from exc
+
+    def _start(self, tx: FhirTx, sr: dict, order: Order, target: Recipient, task_id: str, address: str) -> gw.Job:
+        """The transfer job of one performer, in ``tx``; its Task mirror moves the order Task."""
+        tenant = tx.tenant
+        extra_parts = target.drg_profile_version in EXTRA_PARTS_VERSIONS
+        anonymised = ANONYMISED in order.options
+        new = new_job(
+            self.index, self.fhir, self.sites, tenant, study_uid=order.study_uid, recipient=target,
+            priority=int(priority_of(order.priority)), pick=self._pick(tenant, order.study_uid, order.options),
+            order_ref=f"ServiceRequest/{order.id}", order_task=task_id,
+            send_options=",".join(sorted(order.options)) or None,
+            note=order.note if SHORT_NOTE in order.options and extra_parts else None,
+            order_json=order_part(sr, site_address=address).data.decode("utf-8") if extra_parts else None,
+            deid_secret=secrets.token_hex(32) if anonymised else None,
+            deid_options=json.dumps(DeidOptions().to_json()) if anonymised else None)
+        if not new.instances:
+            raise _refuse("value", f"study {order.study_uid} has nothing to send with these options",
+                          "ServiceRequest.orderDetail")
+        return gw.create_job_in(tx.conn, tenant, new, self.clock(), also=self.hook)
+
+    # -- orders waiting for their study --------------------------------------------------------------------
+    def sweep(self) -> int:
+        """Start the transfers of order Tasks ``awaiting-study`` whose study has arrived; returns how many.
+        An order that cannot start now (recipient gone, no key images) fails its order Task with the reason."""
+        started = 0
+        for site in self.sites:
+            tenant = site.tenant
+            principal = system_principal(tenant)
+            with self.fhir.store.transaction(tenant, write=False) as tx:
+                bundle = self.fhir.search_in(tx, principal, "Task", [
+                    ("business-status", f"{BUSINESS_STATUS_SYSTEM}|{AWAITING_STUDY}"), ("status", "requested"),
+                    ("_count", str(SWEEP_BATCH))], base="")
+                waiting = []
+                for entry in bundle.get("entry", []):
+                    task = entry.get("resource", {})
+                    ref = ((task.get("basedOn") or [{}])[0]).get("reference", "")
+                    sr = tx.current("ServiceRequest", ref.partition("/")[2]) if ref.startswith("ServiceRequest/") \
+                        else None
+                    if sr is not None and not sr.deleted:
+                        waiting.append((task, sr.resource()))
+            for task, sr in waiting:
+                try:
+                    order = parse_order(sr)
+                except ServerError:
+                    continue
+                if not self._present(tenant, order.study_uid):
+                    continue
+                started += self._start_waiting(tenant, task, sr, order, site.address)
+        return started
+
+    def _start_waiting(self, tenant: str, task: dict, sr: dict, order: Order, address: str) -> int:
+        principal = system_principal(tenant)
+        owner = (task.get("owner") or {}).get("reference", "")
+        try:
+            with self.fhir.store.transaction(tenant, write=True) as tx:
+                stored = tx.current("Task", task["id"], lock=True)
+                now = stored.resource() if stored is not None and not stored.deleted else None
+                codes = [c.get("code") for c in ((now or {}).get("businessStatus") or {}).get("coding", [])]
+                if now is None or now.get("status") != "requested" or AWAITING_STUDY not in codes:
+                    return 0  # another worker started it, or the EHR changed it
+                target = self._recipient(tenant, owner, order, "Task.owner")
+                self._check_study(tenant, order)
+                self._start(tx, sr, order, target, task["id"], address)
+            log.info("tenant %s: order ServiceRequest/%s: study %s arrived, transfer to %s queued", tenant,
+                     order.id, order.study_uid, owner)
+            return 1
+        except ServerError as exc:
+            reason = "; ".join(i.get("diagnostics", "") for i in getattr(exc, "issues", ())) or exc.message
+            log.warning("tenant %s: order ServiceRequest/%s cannot start: %s", tenant, order.id, reason)
+            with self.fhir.store.transaction(tenant, write=True) as tx:
+                stored = tx.current("Task", task["id"], lock=True)
+                if stored is None or stored.deleted:
+                    return 0
+                old = stored.resource()
+                for state in steps(old.get("status"), TaskState("failed", "failed"), ORDER_INTERMEDIATE) or ():
+                    new = {k: v for k, v in old.items() if k != "meta"}
+                    new["meta"] = {"profile": (old.get("meta") or {}).get("profile", [ORDER_TASK_PROFILE])}
+                    new.update(status=state.status, lastModified=instant(self.clock()), businessStatus={
+                        "coding": [{"system": BUSINESS_STATUS_SYSTEM, "code": state.business_status}]})
+                    if state.status == "failed":
+                        new["statusReason"] = {"text": reason[:1000]}
+                    self.fhir.update_in(tx, principal, new, None, "/fhir")
+                    old = new
+            return 0
+
+
+def sweep_waiting(fhir: FhirService) -> int:
+    """The sweep of the OrderListener registered with ``fhir`` (none: 0)."""
+    return sum(listener.sweep() for listener in fhir.listeners if isinstance(listener, OrderListener))
