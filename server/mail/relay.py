@@ -120,8 +120,23 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 def _crlf(raw: bytes) -> bytes:
-    """Canonical CRLF line ends (RFC 5321 section 2.3.8): bare LF becomes CRLF."""
-    return _BARE_LF.sub(b"\r\n", raw) if b"\n" in raw else raw
+    """Canonical CRLF line ends (RFC 5321 section 2.3.8): bare LF becomes CRLF (two C-speed counts first: our
+    own mails are canonical already, and the regex costs ~50 ms on a 1 MB mail)."""
+    if raw.count(b"\n") == raw.count(b"\r\n"):
+        return raw
+    return _BARE_LF.sub(b"\r\n", raw)
+
+
+def _dot_stuffed(data: bytes) -> bytes:
+    """The DATA content with RFC 5321 section 4.5.2 transparency and the end-of-data line, for CRLF-canonical
+    ``data`` (a line starting with "." gets one more; base64 lines never do, so usually nothing to copy)."""
+    if data.startswith(b"."):
+        data = b"." + data
+    if b"\n." in data:
+        data = data.replace(b"\n.", b"\n..")
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"
 
 
 def _text(reply: bytes | str) -> str:
@@ -225,7 +240,11 @@ class Relay:
                     code, text = next(iter(refused.values()))
                     smtp.rset()
                     raise _classify(code, text, host, f"RCPT TO {', '.join(refused)}")
-                code, reply = smtp.data(data)
+                code, reply = smtp.docmd("DATA")  # smtplib's data() runs two regexes over the whole mail
+                if code != 354:
+                    raise _classify(code, _text(reply), host, "DATA")
+                smtp.send(_dot_stuffed(data))
+                code, reply = smtp.getreply()
                 if code != 250:
                     raise _classify(code, _text(reply), host, "DATA")
                 try:

@@ -34,6 +34,15 @@ def test_bare_lf_is_sent_as_crlf(relay_server):
     assert relay_server.received[0][2] == b"Subject: x\r\n\r\nline1\r\nline2\r\n"
 
 
+@pytest.mark.parametrize("body", [b".starts with a dot\r\n..two\r\n.\r\nend", b"no final line break", b"."])
+def test_lines_starting_with_a_dot_arrive_unchanged(relay_server, body):
+    """RFC 5321 4.5.2 transparency: the receiver gets exactly what was sent (the final CRLF added if missing)."""
+    raw = b"Subject: dots\r\n\r\n" + body
+    _relay(relay_server).send(raw, "a@site-a.example", ["b@site-b.example"])
+    expected = raw if raw.endswith(b"\r\n") else raw + b"\r\n"
+    assert relay_server.received[0][2] == expected
+
+
 def test_login_mechanism_when_plain_is_not_offered(tls_cert):
     server = RelayServer(*tls_cert).start()
     try:
