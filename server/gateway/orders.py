@@ -20,8 +20,11 @@ Send options (CodeSystem send-option, ``orderDetail``), applied to the job:
   resend is byte-identical and the map can be recomputed for ``relink``);
 * ``short-note``: the order's note (at most 1,000 characters) as a ``text/plain`` part of every mail;
 * ``with-report``: the study's own SR and Encapsulated PDF instances travel (with ``key-images-only`` they are
-  added to the key images). A ``DiagnosticReport`` in ``supportingInfo`` (to be converted to an Encapsulated
-  PDF) is refused as not supported yet;
+  added to the key images); a ``DiagnosticReport`` in ``supportingInfo`` with a PDF ``presentedForm`` becomes an
+  Encapsulated PDF instance of the study (``server.dicom.encapsulate``), durable in the blob store when the order
+  commits, sent last in the set and indexed into the tenant's archive by the sender before its first mail
+  (the archive's writer cannot join the FHIR write transaction). Not with ``anonymised`` (422: the PDF's
+  content cannot be de-identified);
 * emergency = ``priority`` ``stat``: job priority 3 (sent first, flagged in the mails).
 
 Every mail of an order's job also carries ``order_part`` (``order.json``, a FHIR ServiceRequest without patient
@@ -41,6 +44,7 @@ from dataclasses import dataclass
 
 from server.config import Settings
 from server.dicom.deidentify import Options as DeidOptions
+from server.dicom.encapsulate import MAX_TITLE, encapsulated_pdf, pdf_from_fhir_attachment, study_context_from
 from server.dicom.kos import InstanceRef, is_key_object, key_object_references, select_key_images
 from server.errors import ErrorKind, ServerError
 from server.fhir.outcome import Unprocessable
@@ -82,6 +86,7 @@ EXTRA_PARTS_VERSIONS = frozenset({"1.6", "1.7"})
 #: Encapsulated PDF 1.2.840.10008.5.1.4.1.1.104.1).
 REPORT_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.104.1")
 AWAITING_STUDY, QUEUED = "awaiting-study", "transfer-queued"
+REPORT_TITLE = "Befund"  # Document Title of a report PDF whose DiagnosticReport names none
 TASK_NAMESPACE = uuid.UUID("6f1c3f0e-5b1e-4c47-9a8e-0d7f2c1b9a51")  # order Task ids: uuid5(tenant/sr/index)
 SWEEP_BATCH = 100
 
@@ -97,6 +102,7 @@ class Order:
     options: frozenset[str]
     priority: str
     note: str | None
+    report: str | None = None  # id of a DiagnosticReport to send as an Encapsulated PDF (with-report)
 
 
 def _issue(code: str, message: str, expression: str) -> dict:
@@ -146,17 +152,16 @@ def parse_order(sr: dict) -> Order:
                                  f"ServiceRequest.performer[{i}]"))
         else:
             performers.append(ref)
-    studies = []
+    studies, reports = [], []
     for i, ref in enumerate(sr.get("supportingInfo") or ()):
         if not isinstance(ref, dict):
             continue
         uid, _ = _study_of(ref)
+        literal = ref.get("reference")
         if uid is not None:
             studies.append(uid)
-        elif str(ref.get("reference", "")).startswith("DiagnosticReport/") or ref.get("type") == "DiagnosticReport":
-            issues.append(_issue("not-supported", "a DiagnosticReport to send with the order is not supported yet; "
-                                 "the study's own SR and PDF instances travel with 'with-report'",
-                                 f"ServiceRequest.supportingInfo[{i}]"))
+        elif isinstance(literal, str) and literal.startswith("DiagnosticReport/"):
+            reports.append((i, literal[len("DiagnosticReport/"):]))
     if len(set(studies)) != 1:
         issues.append(_issue("required", "supportingInfo must name exactly one ImagingStudy (a reference, or an "
                              "identifier urn:dicom:uid | urn:oid:<Study Instance UID>)", "ServiceRequest.supportingInfo"))
@@ -172,10 +177,19 @@ def parse_order(sr: dict) -> Order:
                              "order", "ServiceRequest.note"))
     if SHORT_NOTE in options and not note:
         issues.append(_issue("required", "the send option short-note needs a note", "ServiceRequest.note"))
+    report = None
+    if reports and WITH_REPORT in options:  # without with-report a DiagnosticReport is context, not sent
+        if len(reports) > 1:
+            issues.append(_issue("value", "one DiagnosticReport per order travels as a PDF",
+                                 f"ServiceRequest.supportingInfo[{reports[1][0]}]"))
+        if ANONYMISED in options:
+            issues.append(_issue("not-supported", "a PDF report cannot be de-identified: anonymised orders send "
+                                 "no DiagnosticReport", f"ServiceRequest.supportingInfo[{reports[0][0]}]"))
+        report = reports[0][1]
     if issues:
         raise Unprocessable(issues)
     return Order(sr["id"], tuple(performers), studies[0], frozenset(options), sr.get("priority") or "routine",
-                 note)
+                 note, report)
 
 
 def order_part(service_request: dict, *, site_address: str) -> Part:
@@ -248,6 +262,19 @@ def order_task(sr: dict, performer: str, business_status: str, now: float) -> di
     return task
 
 
+def _with_requester_name(tx: FhirTx, sr: dict) -> dict:
+    """``sr`` with ``requester.display`` from the requesting Organization's name when it has no display."""
+    requester = sr.get("requester")
+    if not isinstance(requester, dict) or requester.get("display"):
+        return sr
+    ref = requester.get("reference")
+    if not isinstance(ref, str) or not ref.startswith("Organization/"):
+        return sr
+    stored = tx.current("Organization", ref[len("Organization/"):])
+    name = stored.resource().get("name") if stored is not None and not stored.deleted else None
+    return {**sr, "requester": {**requester, "display": name}} if isinstance(name, str) and name else sr
+
+
 # ---- the listener -------------------------------------------------------------------------------------------
 class OrderListener:
     """FHIR write listener: a new teleconsult ServiceRequest makes its order Tasks and transfer jobs in the write
@@ -299,8 +326,12 @@ class OrderListener:
         targets = [self._recipient(tenant, ref, order, f"ServiceRequest.performer[{i}]")
                    for i, ref in enumerate(order.performers)]
         present = self._present(tenant, order.study_uid)
+        report = None
         if present:
             self._check_study(tenant, order)
+            report = self._report(tx, tenant, order)
+        elif order.report is not None:
+            self._report_pdf(tx, order)  # a bad report is refused now, not when the study arrives
         now = self.clock()
         ids = []
         for i, (ref, target) in enumerate(zip(order.performers, targets)):
@@ -308,9 +339,46 @@ class OrderListener:
             task = order_task(sr, ref, QUEUED if present else AWAITING_STUDY, now)
             self.fhir.create_in(tx, system_principal(tenant), task, base="/fhir", new_id=task_id)
             if present:
-                self._start(tx, sr, order, target, task_id, site.address)
+                self._start(tx, sr, order, target, task_id, site.address, report)
             ids.append(task_id)
         return ids
+
+    def _report_pdf(self, tx: FhirTx, order: Order) -> tuple[bytes, str]:
+        """(PDF, title) of the order's DiagnosticReport (its first PDF ``presentedForm``); 422 otherwise."""
+        where = "ServiceRequest.supportingInfo"
+        stored = tx.current("DiagnosticReport", order.report)
+        if stored is None or stored.deleted:
+            raise _refuse("not-found", f"DiagnosticReport/{order.report} does not exist", where)
+        report = stored.resource()
+        forms = [f for f in report.get("presentedForm") or () if isinstance(f, dict)]
+        pdfs = [f for f in forms if str(f.get("contentType", "")).split(";")[0].strip().lower()
+                in ("application/pdf", "application/x-pdf")]
+        if not pdfs:
+            raise _refuse("value", f"DiagnosticReport/{order.report} has no PDF presentedForm to send", where)
+        try:
+            pdf = pdf_from_fhir_attachment(pdfs[0])
+        except ServerError as exc:
+            raise _refuse("value", f"DiagnosticReport/{order.report}: {exc.message}", where) from exc
+        code = report.get("code") or {}
+        title = code.get("text") or next((c.get("display") for c in code.get("coding") or () if c.get("display")),
+                                         None) or pdfs[0].get("title") or REPORT_TITLE
+        return pdf, str(title)[:MAX_TITLE].replace("\\", "/")
+
+    def _report(self, tx: FhirTx, tenant: str, order: Order) -> tuple[str, str] | None:
+        """(SOP Instance UID, blob) of the Encapsulated PDF made from the order's DiagnosticReport in the study
+        (durable in the blob store; the sender indexes it into the archive before the first mail), or None."""
+        if order.report is None:
+            return None
+        pdf, title = self._report_pdf(tx, order)
+        rows = self.archive.instances(tenant, order.study_uid)
+        context = study_context_from(self._blob(rows[0].blob))
+        sop_uid = f"2.25.{uuid.uuid4().int}"  # PS3.5 B.2: a UUID-derived UID
+        try:
+            data = encapsulated_pdf(pdf, study=context, title=title, sop_uid=sop_uid)
+        except ServerError as exc:
+            raise _refuse("value", f"DiagnosticReport/{order.report}: {exc.message}",
+                          "ServiceRequest.supportingInfo") from exc
+        return sop_uid, gw.store_blob(self.blobs, data)
 
     def _recipient(self, tenant: str, ref: str, order: Order, where: str) -> Recipient:
         try:
@@ -358,18 +426,26 @@ class OrderListener:
             raise ServerError(ErrorKind.RESOURCES, "cannot read a Key Object Selection document of the study") \
                 from exc
 
-    def _start(self, tx: FhirTx, sr: dict, order: Order, target: Recipient, task_id: str, address: str) -> gw.Job:
-        """The transfer job of one performer, in ``tx``; its Task mirror moves the order Task."""
+    def _start(self, tx: FhirTx, sr: dict, order: Order, target: Recipient, task_id: str, address: str,
+               report: tuple[str, str] | None = None) -> gw.Job:
+        """The transfer job of one performer, in ``tx``; its Task mirror moves the order Task. ``report``: the
+        (SOP Instance UID, blob) of the Encapsulated PDF to send last."""
         tenant = tx.tenant
         extra_parts = target.drg_profile_version in EXTRA_PARTS_VERSIONS
         anonymised = ANONYMISED in order.options
+        picked = self._pick(tenant, order.study_uid, order.options)
+
+        def pick(instances: list[str]) -> list[str]:
+            chosen = picked(instances) if picked is not None else instances
+            return [*chosen, report[0]] if report is not None else chosen
         new = new_job(
             self.index, self.fhir, self.sites, tenant, study_uid=order.study_uid, recipient=target,
-            priority=int(priority_of(order.priority)), pick=self._pick(tenant, order.study_uid, order.options),
+            priority=int(priority_of(order.priority)), pick=pick, report_blob=report[1] if report else None,
             order_ref=f"ServiceRequest/{order.id}", order_task=task_id,
             send_options=",".join(sorted(order.options)) or None,
             note=order.note if SHORT_NOTE in order.options and extra_parts else None,
-            order_json=order_part(sr, site_address=address).data.decode("utf-8") if extra_parts else None,
+            order_json=order_part(_with_requester_name(tx, sr), site_address=address).data.decode("utf-8")
+            if extra_parts else None,
             deid_secret=secrets.token_hex(32) if anonymised else None,
             deid_options=json.dumps(DeidOptions().to_json()) if anonymised else None)
         if not new.instances:
@@ -419,7 +495,7 @@ class OrderListener:
                     return 0  # another worker started it, or the EHR changed it
                 target = self._recipient(tenant, owner, order, "Task.owner")
                 self._check_study(tenant, order)
-                self._start(tx, sr, order, target, task["id"], address)
+                self._start(tx, sr, order, target, task["id"], address, self._report(tx, tenant, order))
             log.info("tenant %s: order ServiceRequest/%s: study %s arrived, transfer to %s queued", tenant,
                      order.id, order.study_uid, owner)
             return 1

@@ -43,6 +43,7 @@ from server.crypto import encrypt_and_sign
 from server.errors import ErrorKind, ServerError
 from server.dicom.deidentify import Options as DeidOptions
 from server.dicom.deidentify import Pseudonymizer, load_profile
+from server.dicom.parse import parse_part10
 from server.gateway.directory import Recipient, recipient_of
 from server.gateway.jobs import Priority
 from server.gateway.orders import mail_parts, sweep_waiting
@@ -53,7 +54,7 @@ from server.mail.mdn import Disposition, build_mdn, original_from_header
 from server.mail.mime import domain_of
 from server.mail.partial import split
 from server.mail.relay import Relay, SendError
-from server.store.archive import Archive
+from server.store.archive import Archive, NewInstance, Verdict
 from server.store.blobs import BlobStore
 from server.store.gateway import (MDN_DEAD, MDN_PENDING, MDN_SENT, ClaimedMail, Job, JobHook, Mail, QueuedMdn,
                                   claim_mails, claim_mdns, drop_fragments, finish_mdn, mark_failed, mark_sent,
@@ -155,8 +156,18 @@ class Sender:
         return recipient
 
     def _blobs_of(self, job: Job) -> dict[str, str]:
-        """SOP Instance UID -> blob digest of the job's study (one archive read per job and round)."""
-        return {row.sop_uid: row.blob for row in self.archive.instances(job.tenant, job.study_uid)}
+        """SOP Instance UID -> blob digest of the job's study (one archive read per job and round); an order's
+        report PDF (``job.report_blob``) is indexed into the study first, once."""
+        blobs = {row.sop_uid: row.blob for row in self.archive.instances(job.tenant, job.study_uid)}
+        if job.report_blob and job.report_blob not in blobs.values():
+            path = self.blobs.path_of(job.report_blob)
+            item = NewInstance(parse_part10(path), job.report_blob, path.stat().st_size)
+            [result] = self.archive.index_batch(job.tenant, [item], replace=False)
+            if result.verdict not in (Verdict.STORED, Verdict.IDENTICAL):
+                raise ServerError(ErrorKind.CONFLICT, f"the report PDF of job {job.job_id} was not stored into "
+                                                      f"study {job.study_uid}: {result.message}")
+            blobs[item.parsed.sop_instance_uid] = job.report_blob
+        return blobs
 
     def _send_mail(self, claimed: ClaimedMail, lookups: _Lookups) -> None:
         """Build and send one leased mail and record the outcome; never raises."""

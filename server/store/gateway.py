@@ -75,6 +75,7 @@ class NewJob:
     order_json: str | None = None  # the order.json part sent in every mail
     deid_secret: str | None = None  # anonymised: the per-job secret (hex), never sent
     deid_options: str | None = None  # anonymised: the Annex E options (JSON)
+    report_blob: str | None = None  # with-report: blob of the Encapsulated PDF made from a DiagnosticReport
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class Job:
     order_json: str | None = None
     deid_secret: str | None = None
     deid_options: str | None = None
+    report_blob: str | None = None
 
     @property
     def options(self) -> frozenset[str]:

@@ -56,6 +56,7 @@ class TransferJob(SQLModel, table=True):
     order_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # order.json, every mail
     deid_secret: str | None = Field(default=None, max_length=128)  # anonymised: per-job secret (hex), never sent
     deid_options: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # Annex E options JSON
+    report_blob: str | None = Field(default=None, max_length=64)  # with-report: the Encapsulated PDF made for it
 
 
 class OutboundMail(SQLModel, table=True):

@@ -5,12 +5,17 @@ get an OperationOutcome and leave nothing behind; the order Task follows its tra
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import uuid
 
 import pytest
 
+from pydicom import dcmread
+
 from server.crypto import generate_key
+from server.dicom.encapsulate import ENCAPSULATED_PDF_STORAGE, extract_pdf
 from server.gateway.directory import import_bundle
 from server.gateway.orders import ORDER_SYSTEM, OrderListener, order_part, sweep_waiting
 from server.store import gateway as gw
@@ -25,6 +30,7 @@ SD = f"{BASE}/StructureDefinition"
 CK, SO, BS = f"{BASE}/CodeSystem/consult-kind", f"{BASE}/CodeSystem/send-option", \
     f"{BASE}/CodeSystem/task-business-status"
 CT = "1.2.840.10008.5.1.4.1.1.2"
+PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
 STUDY, KOS_STUDY, LATER, THEIRS = "1.2.826.0.1.8", "1.2.826.0.1.9", "1.2.826.0.1.10", "1.2.826.0.1.11"
 
 
@@ -61,6 +67,13 @@ def world(app, client, keys, old_key):  # noqa: F811
     ha, hb = auth(make_token(app.state.settings, A)), auth(make_token(app.state.settings, B))
     patient = {"resourceType": "Patient", "id": "p1", "name": [{"family": "Müller", "given": ["Jürgen"]}]}
     assert client.put("/fhir/Patient/p1", json=patient, headers=ha).status_code == 201
+    for rid, form in (("r1", {"contentType": "application/pdf", "title": "Vorbefund",
+                              "data": base64.b64encode(PDF).decode("ascii")}),
+                      ("r2", {"contentType": "text/plain", "data": base64.b64encode(b"kein PDF").decode("ascii")})):
+        report = {"resourceType": "DiagnosticReport", "id": rid, "status": "final",
+                  "code": {"text": "CT Thorax Vorbefund"}, "subject": {"reference": "Patient/p1"},
+                  "presentedForm": [form]}
+        assert client.put(f"/fhir/DiagnosticReport/{rid}", json=report, headers=ha).status_code == 201
     _stow(client, ha, [make_instance(study=STUDY, series=f"{STUDY}.1", sop=f"{STUDY}.1.{i}", instance_number=i)
                        for i in (1, 2, 3)])
     images = [make_instance(study=KOS_STUDY, series=f"{KOS_STUDY}.1", sop=f"{KOS_STUDY}.1.{i}", instance_number=i)
@@ -166,6 +179,21 @@ def test_send_options_go_onto_the_job(client, world, app):
     assert job.deid_secret not in json.dumps([order, transfer])
 
 
+def test_with_report_a_diagnostic_report_becomes_an_encapsulated_pdf(client, world, app):
+    sr = _sr(options=("with-report",), supportingInfo=[{"reference": f"ImagingStudy/{STUDY}"},
+                                                       {"reference": "DiagnosticReport/r1"}])
+    r = _post(client, world, sr)
+    assert r.status_code == 201, r.text
+    [job] = _jobs(app)
+    mails = gw.job_mails(app.state.engine, A, job.job_id)
+    assert [m.sop_instance_uid for m in mails[:3]] == [f"{STUDY}.1.{i}" for i in (1, 2, 3)] and len(mails) == 4
+    data = app.state.blobs.path_of(job.report_blob).read_bytes()
+    ds = dcmread(io.BytesIO(data))
+    assert ds.SOPClassUID == ENCAPSULATED_PDF_STORAGE and ds.SOPInstanceUID == mails[3].sop_instance_uid
+    assert ds.StudyInstanceUID == STUDY and str(ds.PatientName) == "Müller^Jürgen"
+    assert extract_pdf(data) == PDF and ds.DocumentTitle == "CT Thorax Vorbefund"
+
+
 def test_a_1_5_recipient_gets_no_extra_parts(client, world, app):
     r = _post(client, world, _sr(performer="Organization/alt", options=("anonymised",)))
     assert r.status_code == 201, r.text
@@ -224,7 +252,7 @@ def test_a_waiting_order_that_cannot_start_fails_its_task(client, world, app):
 
 @pytest.mark.parametrize("case", [
     "unknown-performer", "no-dicom-email", "expired-key", "foreign-study", "missing-study", "long-note",
-    "no-kos", "note-to-1.5", "diagnostic-report", "no-study"])
+    "no-kos", "note-to-1.5", "anonymised-report", "report-without-pdf", "two-reports", "no-study"])
 def test_bad_orders_store_and_send_nothing(client, world, app, case):
     w = world
     sr = {
@@ -236,9 +264,13 @@ def test_bad_orders_store_and_send_nothing(client, world, app, case):
         "long-note": lambda: _sr(note="x" * 1001),
         "no-kos": lambda: _sr(options=("key-images-only",)),
         "note-to-1.5": lambda: _sr(performer="Organization/alt", options=("short-note",), note="kurz"),
-        "diagnostic-report": lambda: _sr(options=("with-report",),
-                                         supportingInfo=[{"reference": f"ImagingStudy/{STUDY}"},
-                                                         {"reference": "DiagnosticReport/r1"}]),
+        "anonymised-report": lambda: _sr(options=("with-report", "anonymised"), supportingInfo=[
+            {"reference": f"ImagingStudy/{STUDY}"}, {"reference": "DiagnosticReport/r1"}]),
+        "report-without-pdf": lambda: _sr(options=("with-report",), supportingInfo=[
+            {"reference": f"ImagingStudy/{STUDY}"}, {"reference": "DiagnosticReport/r2"}]),
+        "two-reports": lambda: _sr(options=("with-report",), supportingInfo=[
+            {"reference": f"ImagingStudy/{STUDY}"}, {"reference": "DiagnosticReport/r1"},
+            {"reference": "DiagnosticReport/r1"}]),
         "no-study": lambda: _sr(supportingInfo=[]),
     }[case]()
     if case == "no-study":

@@ -5,12 +5,14 @@ emergency flag. SQLite only (the SQL is covered by the component tests on both b
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 
 import pytest
 from pydicom import dcmread
 
+from server.dicom.encapsulate import ENCAPSULATED_PDF_STORAGE, extract_pdf
 from server.gateway.directory import system_principal
 from server.gateway.orders import ORDER_SYSTEM, OrderListener
 from server.mail import drg
@@ -88,3 +90,34 @@ def test_an_anonymised_emergency_order_with_a_note(world, keys):
     # a resend of the same job produces the same de-identified bytes (the secret is the job's)
     again = w.sender._deidentified(job, w.stored[sops[0]])
     assert again[0] in sent and again[2] == study_uids.pop()
+
+
+def test_with_report_the_diagnostic_report_travels_as_an_encapsulated_pdf(world, keys):
+    w = world
+    study = "1.2.826.0.1.3680043.10.78"
+    sops = w.store(2, study)
+    pdf = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
+    principal = system_principal(A)
+    w.fhir.update(principal, "DiagnosticReport", "r1", {
+        "resourceType": "DiagnosticReport", "id": "r1", "status": "final", "code": {"text": "Vorbefund"},
+        "subject": {"reference": "Patient/p1"},
+        "presentedForm": [{"contentType": "application/pdf", "data": base64.b64encode(pdf).decode("ascii")}]},
+        base="")
+    sr = {"resourceType": "ServiceRequest", "status": "active", "intent": "order", "priority": "routine",
+          "code": {"coding": [{"system": f"{BASE}/CodeSystem/consult-kind", "code": "teleconsult"}]},
+          "orderDetail": [{"coding": [{"system": f"{BASE}/CodeSystem/send-option", "code": "with-report"}]}],
+          "subject": {"reference": "Patient/p1"}, "requester": {"reference": "Organization/klinik-a"},
+          "performer": [{"reference": "Organization/siteb"}],
+          "supportingInfo": [{"reference": f"ImagingStudy/{study}"}, {"reference": "DiagnosticReport/r1"}]}
+    assert w.fhir.create(principal, "ServiceRequest", sr, base="").status == 201
+    assert w.sender.send_due() == 3
+    inners = [_decrypt(drg.parse_outer(raw), keys) for raw in w.capture.mails]
+    assert sorted(i.set.part for i in inners) == [1, 2, 3]
+    [report] = [i for i in inners if i.set.part == 3]
+    assert extract_pdf(report.dicom) == pdf and [i.dicom for i in inners if i.set.part < 3] == \
+        [w.stored[s] for s in sops]
+    rows = w.archive.instances(A, study)
+    assert len(rows) == 3 and rows[-1].sop_class_uid == ENCAPSULATED_PDF_STORAGE  # stored into A's study
+    assert not any(p.content_type == "text/plain" for i in inners for p in i.parts)  # no short-note asked
+    [order] = [p for p in report.parts if p.filename == "order.json"]
+    assert json.loads(order.data)["requester"] == {"display": "Klinikum A"}  # the requesting Organization's name

@@ -23,10 +23,11 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('order_json', sa.Text(), nullable=True))
         batch_op.add_column(sa.Column('deid_secret', sa.String(length=128), nullable=True))
         batch_op.add_column(sa.Column('deid_options', sa.Text(), nullable=True))
+        batch_op.add_column(sa.Column('report_blob', sa.String(length=64), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table('transfer_job', schema=None) as batch_op:
-        for name in ('deid_options', 'deid_secret', 'order_json', 'note', 'send_options', 'order_task',
+        for name in ('report_blob', 'deid_options', 'deid_secret', 'order_json', 'note', 'send_options', 'order_task',
                      'order_ref'):
             batch_op.drop_column(name)
