@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 
 BASE = "https://telerad-bridge.de/fhir"
 ORDER_SYSTEM = f"{BASE}/sid/order"  # identifier of A's order as it travels: "<ServiceRequest id>@<A's address>"
+SET_SYSTEM = f"{BASE}/sid/drg-set"  # a consult received with a DRG set: "<SETID>@<sender>" (server.gateway.consults)
+#: Identifier systems of ServiceRequests received from other sites (the consults at B): never sent on.
+RECEIVED_SYSTEMS = frozenset({ORDER_SYSTEM, SET_SYSTEM})
 CONSULT_KIND_SYSTEM = f"{BASE}/CodeSystem/consult-kind"
 SEND_OPTION_SYSTEM = f"{BASE}/CodeSystem/send-option"
 ORDER_TASK_PROFILE = f"{BASE}/StructureDefinition/teleconsult-task"
@@ -115,17 +118,20 @@ def _refuse(code: str, message: str, expression: str) -> Unprocessable:
 
 def is_order(sr: dict) -> bool:
     """Whether a new ServiceRequest is a teleconsult order of this site that sends a study: active, intent
-    order, a consult-kind code that is a transfer, a performer; not an order received from another site (it
-    carries the sender's ``ORDER_SYSTEM`` identifier)."""
+    order, a consult-kind code that is a transfer, a performer and an ImagingStudy in ``supportingInfo`` (a
+    request without a study is only recorded); not an order received from another site (it carries the
+    sender's order identifier or the DRG set's, ``RECEIVED_SYSTEMS``)."""
     if sr.get("resourceType") != "ServiceRequest" or sr.get("status") != "active":
         return False
     if sr.get("intent") not in ORDER_INTENTS or not sr.get("performer"):
         return False
-    if any(isinstance(i, dict) and i.get("system") == ORDER_SYSTEM for i in sr.get("identifier") or ()):
+    if any(isinstance(i, dict) and i.get("system") in RECEIVED_SYSTEMS for i in sr.get("identifier") or ()):
         return False
     kinds = [c.get("code") for c in (sr.get("code") or {}).get("coding") or ()
              if isinstance(c, dict) and c.get("system") == CONSULT_KIND_SYSTEM]
-    return bool(kinds) and not any(k in NOT_TRANSFERS for k in kinds)
+    if not kinds or any(k in NOT_TRANSFERS for k in kinds):
+        return False
+    return any(isinstance(ref, dict) and _study_of(ref)[0] is not None for ref in sr.get("supportingInfo") or ())
 
 
 def _study_of(ref: dict) -> tuple[str | None, bool]:

@@ -252,7 +252,7 @@ def test_a_waiting_order_that_cannot_start_fails_its_task(client, world, app):
 
 @pytest.mark.parametrize("case", [
     "unknown-performer", "no-dicom-email", "expired-key", "foreign-study", "missing-study", "long-note",
-    "no-kos", "note-to-1.5", "anonymised-report", "report-without-pdf", "two-reports", "no-study"])
+    "no-kos", "note-to-1.5", "anonymised-report", "report-without-pdf", "two-reports", "two-studies"])
 def test_bad_orders_store_and_send_nothing(client, world, app, case):
     w = world
     sr = {
@@ -271,10 +271,9 @@ def test_bad_orders_store_and_send_nothing(client, world, app, case):
         "two-reports": lambda: _sr(options=("with-report",), supportingInfo=[
             {"reference": f"ImagingStudy/{STUDY}"}, {"reference": "DiagnosticReport/r1"},
             {"reference": "DiagnosticReport/r1"}]),
-        "no-study": lambda: _sr(supportingInfo=[]),
+        "two-studies": lambda: _sr(supportingInfo=[{"reference": f"ImagingStudy/{STUDY}"},
+                                                    {"reference": f"ImagingStudy/{KOS_STUDY}"}]),
     }[case]()
-    if case == "no-study":
-        del sr["supportingInfo"]
     r = _post(client, w, sr)
     assert r.status_code in (400, 422), (case, r.status_code, r.text)
     body = r.json()
@@ -286,8 +285,11 @@ def test_bad_orders_store_and_send_nothing(client, world, app, case):
 
 def test_not_every_service_request_is_an_order(client, world, app):
     w = world
-    for sr in (_sr(code="prior-request"), {**_sr(), "status": "draft"},
-               {**_sr(), "identifier": [{"system": ORDER_SYSTEM, "value": "x@dicom@elsewhere.example"}]}):
+    no_study = _sr()
+    del no_study["supportingInfo"]
+    for sr in (_sr(code="prior-request"), {**_sr(), "status": "draft"}, no_study,
+               {**_sr(), "identifier": [{"system": ORDER_SYSTEM, "value": "x@dicom@elsewhere.example"}]},
+               {**_sr(), "identifier": [{"system": f"{BASE}/sid/drg-set", "value": "S1@dicom@elsewhere.example"}]}):
         assert _post(client, w, sr).status_code == 201
     assert _jobs(app) == [] and client.get("/fhir/Task", headers=w["a"]).json()["total"] == 0
 
