@@ -21,6 +21,7 @@ twice; a mail quarantined before keeps its one quarantine row.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import enum
 import json
 import logging
@@ -35,6 +36,8 @@ from server.crypto import (BadSignature, KeyUnusable, NotEncrypted, OpenPGPError
                            WrongRecipientKey, decrypt_and_verify)
 from server.dicom.parse import parse_part10
 from server.errors import ErrorKind, ServerError
+from server.dicom.attributes import Level
+from server.gateway.consults import BadOrder, consult_for_set, is_order_part, note_text, organization_of, parse_order
 from server.gateway.directory import sender_keys
 from server.gateway.policy import send_policy
 from server.gateway.sites import Site, Sites, normalize_address
@@ -279,9 +282,10 @@ class Inbound:
         assert strict.encrypted is not None
         decrypted = decrypt_and_verify(strict.encrypted, [site.key], keys)
         inner = parse_inner(decrypted.data)
-        if inner.parts:  # a note or PDF report beside the instance (DRG profile): not kept yet
-            log.info("mail %s: %d non-DICOM part(s) (%s) not kept", mail.message_id, len(inner.parts),
-                     ", ".join(sorted({p.content_type for p in inner.parts})))
+        order_json, note, others = self._order_parts(mail.message_id, inner.parts)
+        if others:  # e.g. a PDF report beside the instance (DRG profile): not kept yet
+            log.info("mail %s: %d non-DICOM part(s) (%s) not kept", mail.message_id, len(others),
+                     ", ".join(sorted({p.content_type for p in others})))
         info = check_set(strict, inner)
         if len(info.set_id) > MAX_SET_ID:
             raise Refused(Reason.BAD_SET, ErrorKind.INVALID, f"X-TELEMEDICINE-SETID is longer than {MAX_SET_ID} "
@@ -301,7 +305,8 @@ class Inbound:
         part = gw.NewPart(set_id=info.set_id, sender=normalize_address(strict.sender), total=info.total,
                           set_part=info.part, blob_sha256=sha, sop_instance_uid=parsed.sop_instance_uid,
                           study_uid=info.study_uid or parsed.study_uid, message_id=mail.message_id,
-                          size=len(inner.dicom))
+                          size=len(inner.dicom), order_json=order_json, note=note,
+                          emergency=bool(strict.emergency or inner.emergency))
         mdn = self._mdn(site, outer, disposition_for(None, warning=bool(warnings)), text)
         try:
             result = gw.add_set_part(self.engine, site.tenant, part, self.clock(), mdn)
@@ -323,6 +328,26 @@ class Inbound:
                 log.info("set %s of %s was imported concurrently", s.set_id, site.tenant)
         elif s.state == gw.IMPORTED and not result.duplicate:  # a late part of a set an operator imported
             self._index(site.tenant, s, [gw.Part(info.part, parsed.sop_instance_uid, sha, mail.message_id)])
+
+    @staticmethod
+    def _order_parts(message_id: str, parts) -> tuple[str | None, str | None, list]:
+        """The order.json (checked, compact JSON) and text note of a mail's extra parts, and the parts left.
+
+        Lenient: a bad order part is logged and ignored, never a reason to refuse a good DICOM mail.
+        """
+        order_json = note = None
+        others = []
+        for part in parts:
+            if is_order_part(part.content_type, part.filename):
+                try:
+                    order_json = order_json or parse_order(part.data)
+                except BadOrder as exc:
+                    log.warning("mail %s: order part ignored: %s", message_id, exc)
+            elif part.content_type.lower() == "text/plain" and note is None:
+                note = note_text(part.data, part.charset)
+            else:
+                others.append(part)
+        return order_json, note, others
 
     # ---- refusals ------------------------------------------------------------------------------------------
     def _quarantine(self, mail: _Mail, refused: Refused) -> None:
@@ -361,9 +386,12 @@ class Inbound:
     def import_set(self, tenant: str, set_pk: int, *, operator: bool = False) -> gw.SetRow:
         """Import a complete set into the archive (an operator: also whatever parts an incomplete set has).
 
-        CONFLICT when the set is not complete (and not ``operator``) or was imported or discarded already.
+        CONFLICT when the set is not complete (and not ``operator``) or was imported or discarded already; an
+        operator importing an imported set whose consult failed retries the consult instead.
         """
         s = gw.get_set(self.engine, tenant, set_pk)
+        if operator and s.state == gw.IMPORTED and not s.consult_task:
+            return self.retry_consult(tenant, set_pk)
         allowed = (gw.COMPLETE, gw.COLLECTING, gw.REPORTED) if operator else (gw.COMPLETE,)
         if s.state not in allowed:
             raise ServerError(ErrorKind.CONFLICT, f"inbound set {s.set_id} is {s.state}, it cannot be imported")
@@ -371,7 +399,42 @@ class Inbound:
         self._index(tenant, s, parts)
         done = gw.mark_set_imported(self.engine, tenant, set_pk, self.clock(), operator=operator)
         log.info("set %s from %s imported for %s: %d of %d parts", s.set_id, s.sender, tenant, len(parts), s.total)
-        return done
+        return self.consult(tenant, done, parts)
+
+    def retry_consult(self, tenant: str, set_pk: int) -> gw.SetRow:
+        """Create the consult of an imported set whose consult failed before (nothing happens when it exists)."""
+        s = gw.get_set(self.engine, tenant, set_pk)
+        if s.state != gw.IMPORTED:
+            raise ServerError(ErrorKind.CONFLICT, f"inbound set {s.set_id} is {s.state}, not imported")
+        return self.consult(tenant, s, gw.set_parts(self.engine, tenant, set_pk))
+
+    def consult(self, tenant: str, s: gw.SetRow, parts: list[gw.Part]) -> gw.SetRow:
+        """The consult (ServiceRequest + Task, issue 5) of an imported set, created once and recorded on the set.
+
+        A failure is logged with its reason and leaves the set imported without a consult (``consult_task``
+        empty: the operator sees it and ``retry_consult`` tries again); it never undoes the import.
+        """
+        if s.consult_task or not parts:
+            return s
+        try:
+            path = self.blobs.path_of(parts[0].blob_sha256)
+            parsed = parse_part10(path)
+            site = self.sites.of_tenant(tenant)
+            requester = organization_of(self.fhir, tenant, s.sender)
+            performer = organization_of(self.fhir, tenant, site.address)
+            request_id, task_id = consult_for_set(self.fhir, tenant, s, study_uid=s.study_uid or parsed.study_uid,
+                                                  patient=parsed.columns[Level.STUDY], sender_org=requester,
+                                                  performer=performer)
+            gw.set_consult(self.engine, tenant, s.pk, task_id)
+        except Exception as exc:  # noqa: BLE001 - the import stands; the operator retries the consult
+            message = exc.message if isinstance(exc, ServerError) else repr(exc)
+            log.error("set %s from %s for %s: imported, but no consult was created: %s", s.set_id, s.sender, tenant,
+                      message, exc_info=not isinstance(exc, ServerError))
+            return s
+        log.log(logging.WARNING if s.emergency else logging.INFO,
+                "%sset %s from %s for %s: consult ServiceRequest/%s, Task/%s", "NOTFALL: " if s.emergency else "",
+                s.set_id, s.sender, tenant, request_id, task_id)
+        return dataclasses.replace(s, consult_task=task_id)
 
     def _index(self, tenant: str, s: gw.SetRow, parts: list[gw.Part]) -> None:
         """Index the parts' instances in the archive (stored or identical: fine; anything else is logged)."""

@@ -187,6 +187,9 @@ class NewPart:
     study_uid: str | None = None
     message_id: str | None = None
     size: int | None = None  # bytes of the DICOM instance
+    order_json: str | None = None  # the order.json part (a FHIR ServiceRequest) that travelled with it
+    note: str | None = None  # its text/plain note part
+    emergency: bool = False  # flagged as emergency (DRG priority header)
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,10 @@ class SetRow:
     state: str
     first_seen: float
     last_seen: float
+    order_json: str | None = None
+    note: str | None = None
+    emergency: bool | None = None
+    consult_task: str | None = None  # the consult Task created for the set at this (the receiving) site
 
 
 @dataclass(frozen=True)
@@ -746,7 +753,10 @@ def add_set_part(engine: Engine, tenant: str, part: NewPart, now: float, mdn: Ne
         parts_seen = s.parts_seen + 1
         state = COMPLETE if parts_seen == s.total and s.state in (COLLECTING, REPORTED) else s.state
         values = {"parts_seen": parts_seen, "state": state, "last_seen": now,
-                  "study_uid": s.study_uid or part.study_uid}
+                  "study_uid": s.study_uid or part.study_uid,
+                  # the order travels with every part: kept from the first part that has it
+                  "order_json": s.order_json or part.order_json, "note": s.note or part.note,
+                  "emergency": bool(s.emergency or part.emergency)}
         conn.execute(update(ST).where(ST.c.pk == s.pk).values(**values))
         if mdn is not None:
             _enqueue_mdn(conn, tenant, mdn, now)
@@ -799,6 +809,12 @@ def mark_set_imported(engine: Engine, tenant: str, set_pk: int, now: float, *, o
     """Record that a complete set was imported; an operator may also import an incomplete set on purpose."""
     allowed = (COMPLETE, COLLECTING, REPORTED) if operator else (COMPLETE,)
     return _move_set(engine, tenant, set_pk, allowed, IMPORTED, now)
+
+
+def set_consult(engine: Engine, tenant: str, set_pk: int, task_id: str) -> None:
+    """Record the consult Task created for an imported set (so a second import never makes another)."""
+    with writer(engine).begin() as conn:
+        conn.execute(update(ST).where(ST.c.tenant == tenant, ST.c.pk == set_pk).values(consult_task=task_id))
 
 
 def discard_set(engine: Engine, tenant: str, set_pk: int, now: float) -> SetRow:

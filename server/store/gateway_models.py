@@ -157,6 +157,10 @@ class InboundSet(SQLModel, table=True):
     state: str = Field(max_length=24)  # collecting | complete | imported | reported-incomplete | discarded
     first_seen: float
     last_seen: float
+    order_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # order.json of a part
+    note: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # text/plain note of a part
+    emergency: bool | None = None  # any part flagged as emergency (DRG priority)
+    consult_task: str | None = Field(default=None, max_length=64)  # the consult Task created for the set
 
 
 class InboundPart(SQLModel, table=True):
