@@ -150,7 +150,14 @@ def test_a_complete_set_with_its_order_becomes_one_consult_the_ehr_finds(env, ke
 
 # ---- variants (SQLite) ---------------------------------------------------------------------------------------
 def test_legacy_sets_without_order_get_default_consults_and_share_the_patient(lite, keys, ehr):  # noqa: F811
-    add_site(lite.inbound.fhir, "site-b", "Klinikum Oldenburg", OURS, keys["b"])
+    from server.gateway.directory import system_principal
+    from server.store import subscriptions
+
+    fhir = lite.inbound.fhir
+    add_site(fhir, "site-b", "Klinikum Oldenburg", OURS, keys["b"])
+    watch = fhir.create(system_principal(T), "Subscription", {  # B's EHR subscribes to emergency consults
+        "resourceType": "Subscription", "status": "requested", "reason": "Notfälle", "criteria": "Task?priority=stat",
+        "channel": {"type": "rest-hook", "endpoint": "https://ehr.site-b.example/hook"}}, base="").resource
     uid1, raws1 = mails(keys, 1)
     uid2, raws2 = mails(keys, 2, emergency=True)
     for raw in raws1 + raws2:
@@ -171,6 +178,9 @@ def test_legacy_sets_without_order_get_default_consults_and_share_the_patient(li
     assert tasks[f"ServiceRequest/{sr2['id']}"]["note"] == [{"text": "NOTFALL"}]
     assert "note" not in tasks[f"ServiceRequest/{sr1['id']}"]
     assert [t["id"] for t in b.search("Task?priority=stat")] == [tasks[f"ServiceRequest/{sr2['id']}"]["id"]]
+    with fhir.store.transaction(T, write=False) as tx:
+        queued = subscriptions.deliveries(tx, watch["id"])
+    assert [(d.resource_type, d.resource_id) for d in queued] == [("Task", tasks[f"ServiceRequest/{sr2['id']}"]["id"])]
 
 
 def test_a_sender_without_organization_in_the_directory_is_a_display_requester(lite, keys, ehr):  # noqa: F811
