@@ -473,6 +473,7 @@ def transfer(a: Node, b: Node, study: Study, cfg: Config, args, *, profile_dir: 
             spies[k] = (start_pyspy(pid, profile_dir / f"pyspy-{k}.txt", args.profile_rate), profile_dir / f"pyspy-{k}.txt")
         time.sleep(1.0)  # py-spy attaches
     cpu0 = {k: tree_cpu(p) for k, p in pids.items()}
+    sys0, me0 = psutil.cpu_times(), sum(psutil.Process().cpu_times()[:2])
     timeline: list[tuple[float, int, int, int]] = []
     poll_wall = 0.0
     polls = 0
@@ -510,8 +511,18 @@ def transfer(a: Node, b: Node, study: Study, cfg: Config, args, *, profile_dir: 
         r = h.get(f"/gateway/jobs/{job_id}")  # with its mails
         if r.status_code == 200:
             job = r.json()
+    sys1, me1 = psutil.cpu_times(), sum(psutil.Process().cpu_times()[:2])
     settle_s = settle(list(pids.values()))
     cpu = {k: tree_cpu(p) - cpu0[k] for k, p in pids.items()}
+    # the machine is shared: CPU used during the job by anything but the two nodes and this client
+    busy = sum(getattr(sys1, f) - getattr(sys0, f) for f in sys1._fields if f not in ("idle", "iowait", "guest",
+                                                                                       "guest_nice"))
+    res["machine_during_job"] = {
+        "busy_cores": round(busy / observed, 2),
+        "iowait_cores": round((sys1.iowait - sys0.iowait) / observed, 2) if hasattr(sys1, "iowait") else None,
+        "client_cores": round((me1 - me0) / observed, 2),
+        "other_processes_cores": round(max(0.0, busy - (me1 - me0) - sum(cpu.values())) / observed, 2),
+        "loadavg_after": os.getloadavg()}
     for k, (proc, _) in spies.items():
         res.setdefault("pyspy_stderr", {})[k] = stop_pyspy(proc)
     if profile_dir is not None:
@@ -637,7 +648,8 @@ def fmt(v, digits: int = 1) -> str:
 
 def run_rows(runs: list[dict]) -> list[str]:
     head = ["sender setting (A)", "e2e s (job → last receipt)", "instance-mails/s", "DICOM MB/s", "last mail sent s",
-            "CPU ms/mail A", "CPU ms/mail B", "peak RSS A MiB", "peak RSS B MiB", "B byte-exact"]
+            "CPU ms/mail A", "CPU ms/mail B", "peak RSS A MiB", "peak RSS B MiB", "B byte-exact",
+            "other processes (cores)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in runs:
         if "e2e_s" not in r:
@@ -650,7 +662,8 @@ def run_rows(runs: list[dict]) -> list[str]:
             r["label"] + ("" if r.get("state") == "finished" else f" (**{r.get('state')}**)"),
             fmt(r["e2e_s"], 1), fmt(r["mails_per_s"], 1), fmt(r["dicom_mb_per_s"], 1), fmt(r.get("last_sent_s"), 1),
             fmt(r["cpu_ms_per_mail"]["a"], 1), fmt(r["cpu_ms_per_mail"]["b"], 1),
-            fmt(r["rss"]["a"]["peak_rss_mib"], 0), fmt(r["rss"]["b"]["peak_rss_mib"], 0), ok]) + " |")
+            fmt(r["rss"]["a"]["peak_rss_mib"], 0), fmt(r["rss"]["b"]["peak_rss_mib"], 0), ok,
+            fmt((r.get("machine_during_job") or {}).get("other_processes_cores"), 2)]) + " |")
     return lines
 
 
