@@ -527,4 +527,4 @@ class OrderListener:
 
 def sweep_waiting(fhir: FhirService) -> int:
     """The sweep of the OrderListener registered with ``fhir`` (none: 0)."""
-    return sum(listener.sweep() for listener in fhir.listeners if isinstance(listener, OrderListener))
+    return sum(listener.sweep() for listener in getattr(fhir, "listeners", ()) if isinstance(listener, OrderListener))

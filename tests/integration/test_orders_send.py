@@ -111,7 +111,7 @@ def test_with_report_the_diagnostic_report_travels_as_an_encapsulated_pdf(world,
           "supportingInfo": [{"reference": f"ImagingStudy/{study}"}, {"reference": "DiagnosticReport/r1"}]}
     assert w.fhir.create(principal, "ServiceRequest", sr, base="").status == 201
     assert w.sender.send_due() == 3
-    inners = [_decrypt(drg.parse_outer(raw), keys) for raw in w.capture.mails]
+    inners = sorted((_decrypt(drg.parse_outer(raw), keys) for raw in w.capture.mails), key=lambda i: i.set.part)
     assert sorted(i.set.part for i in inners) == [1, 2, 3]
     [report] = [i for i in inners if i.set.part == 3]
     assert extract_pdf(report.dicom) == pdf and [i.dicom for i in inners if i.set.part < 3] == \
