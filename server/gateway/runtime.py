@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from server.gateway.sites import Sites
 from server.mail.poll import MailboxConfig, MailboxPoller
 from server.mail.relay import Relay
 from server.mail.smtp_in import SmtpIngress
-from server.store.gateway import JobHook
+from server.store.gateway import JobHook, release_leases
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Gateway:
     def __init__(self, settings: Settings, engine, blobs, archive, fhir, *, also: JobHook | None = None,
                  sites: Sites | None = None) -> None:
         self.settings = settings
+        self.engine = engine
         self.sites = sites if sites is not None else Sites.load(settings.data_dir)
         self.relay = Relay(relay_config(settings))
         self.sender = Sender(settings, engine, blobs, archive, fhir, self.sites, self.relay, also=also)
@@ -100,7 +102,11 @@ class Gateway:
         self.sender.wake()
 
     async def start(self) -> None:
-        """Listen for SMTP (when configured); returns once the ingress accepts connections."""
+        """Release the leases a dead predecessor left, then listen for SMTP (when configured); returns once the
+        ingress accepts connections."""
+        mails, mdns = await asyncio.to_thread(release_leases, self.engine, time.time())
+        if mails or mdns:
+            log.warning("released %d mail lease(s) and %d receipt(s) left by a previous run", mails, mdns)
         if self.ingress is not None:
             await self.ingress.start()
             log.info("SMTP ingress on %s:%s for %s", self.settings.smtp_host, self.ingress.port,

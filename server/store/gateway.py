@@ -452,6 +452,20 @@ def job_action(engine: Engine, tenant: str, job_id: str, action: Action | str, n
 
 
 # ---- the sender worker (all tenants) -------------------------------------------------------------------------
+def release_leases(engine: Engine, now: float) -> tuple[int, int]:
+    """At the start of the data folder's one gateway: leases left by a process that died (SIGKILL, power loss)
+    are released, so its mails are sent again at once instead of after the lease; pending receipts become due.
+    A mail that did reach the receiver comes again with the same Message-ID: acknowledged, not imported twice.
+    Returns (mails, receipts) released."""
+    with writer(engine).begin() as conn:
+        mails = conn.execute(update(M).where(M.c.state.in_([s.value for s in DUE]), M.c.lease_until.is_not(None))
+                             .values(lease_until=None, run_after=func.min(M.c.run_after, now)
+                                     if conn.dialect.name == "sqlite" else func.least(M.c.run_after, now))).rowcount
+        mdns = conn.execute(update(N).where(N.c.state == MDN_PENDING, N.c.run_after > now)
+                            .values(run_after=now)).rowcount
+    return mails, mdns
+
+
 def next_due(engine: Engine) -> float | None:
     """The earliest ``run_after`` of a due mail of a sending job (a read without the write lock), or None."""
     with engine.connect() as conn:

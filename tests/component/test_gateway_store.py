@@ -450,3 +450,17 @@ def test_migration_down_and_up(engine):
     assert not names & {"transfer_job", "outbound_mail", "inbound_set", "quarantine", "outbound_mdn"}
     upgrade(engine)
     assert gw.create_job(engine, T, new_job(1), 1.0).state == "waiting"
+
+
+def test_release_leases_after_a_crash_makes_leased_mails_and_receipts_due_at_once(engine):
+    job = gw.create_job(engine, T, new_job(2), 1.0)
+    [c1, c2] = claim(engine, 100.0, lease=600.0)  # the process dies while sending
+    gw.mark_sent(engine, T, c2.mail.pk, 101.0)
+    gw.enqueue_mdn(engine, T, gw.NewMdn("x@b.example", "<m@b>", "{}"), 100.0)
+    gw.claim_mdns(engine, 100.0, limit=5, lease=600.0)
+    assert claim(engine, 200.0) == [] and gw.claim_mdns(engine, 200.0, limit=5, lease=60.0) == []
+    assert gw.release_leases(engine, 200.0) == (1, 1)
+    [again] = claim(engine, 200.0)
+    assert again.mail.pk == c1.mail.pk and again.mail.message_id == c1.mail.message_id  # same Message-ID
+    assert [m.original_message_id for m in gw.claim_mdns(engine, 200.0, limit=5, lease=60.0)] == ["<m@b>"]
+    assert gw.job_mails(engine, T, job.job_id)[1].state == "sent"  # sent mails keep waiting for their receipt
