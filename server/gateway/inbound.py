@@ -100,8 +100,8 @@ REASON_BY_DEFECT: dict[Defect, Reason] = {
 MAX_MESSAGE_ID, MAX_ADDRESS, MAX_SET_ID = 255, 320, 128
 
 # inbound_mail.state values (at most 16 characters)
-RECEIVED, STORED, FRAGMENT, MDN, MDN_UNKNOWN, QUARANTINED = (
-    "received", "stored", "fragment", "mdn", "mdn-unknown", "quarantined")
+RECEIVED, STORED, FRAGMENT, QUARANTINED = "received", "stored", "fragment", "quarantined"
+MDN, MDN_UNKNOWN = gw.INBOUND_MDN, gw.INBOUND_MDN_UNKNOWN
 
 
 class Refused(ServerError):
@@ -235,12 +235,10 @@ class Inbound:
         mdn = parse_mdn(mail.raw)
         result = gw.record_mdn(self.engine, mail.site.tenant, mdn.original_message_id, mdn.outcome,
                                mdn.disposition.value, self.clock(), policy=self.policy, rand=random.random(),
-                               also=self.also)
+                               also=self.also, receipt_message_id=mail.message_id)
         if result == gw.UNKNOWN:
             log.warning("receipt %s for %s answers no mail of ours (%s): kept as unknown", mail.message_id,
                         mail.site.tenant, mdn.original_message_id)
-        gw.set_inbound_state(self.engine, mail.site.tenant, mail.message_id,
-                             MDN_UNKNOWN if result == gw.UNKNOWN else MDN)
 
     # ---- message/partial -----------------------------------------------------------------------------------
     def _fragment(self, mail: _Mail) -> None:
@@ -309,12 +307,11 @@ class Inbound:
                           emergency=bool(strict.emergency or inner.emergency))
         mdn = self._mdn(site, outer, disposition_for(None, warning=bool(warnings)), text)
         try:
-            result = gw.add_set_part(self.engine, site.tenant, part, self.clock(), mdn)
+            result = gw.add_set_part(self.engine, site.tenant, part, self.clock(), mdn, mark=STORED)
         except ServerError as exc:
             if exc.kind is not ErrorKind.INVALID:
                 raise
             raise Refused(Reason.BAD_SET, exc.kind, exc.message) from exc
-        gw.set_inbound_state(self.engine, site.tenant, mail.message_id, STORED)
         self._woken(mdn)
         s = result.set
         log.info("set %s part %d/%d from %s for %s %s (signed by %s)", s.set_id, info.part, s.total, s.sender,

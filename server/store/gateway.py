@@ -46,6 +46,8 @@ COLLECTING, COMPLETE, IMPORTED, REPORTED, DISCARDED = (
 MDN_PENDING, MDN_SENT, MDN_DEAD = "pending", "sent", "dead"
 # results
 NEW, DUPLICATE, UNKNOWN, RECORDED = "new", "duplicate", "unknown", "recorded"
+# inbound_mail states of received receipts
+INBOUND_MDN, INBOUND_MDN_UNKNOWN = "mdn", "mdn-unknown"
 
 
 # ---- values --------------------------------------------------------------------------------------------------
@@ -553,31 +555,42 @@ def mark_failed(engine: Engine, tenant: str, mail_pk: int, now: float, error: st
 
 
 def record_mdn(engine: Engine, tenant: str, original_message_id: str, outcome: Outcome | str, disposition: str,
-               now: float, *, policy: Backoff, rand: float, also: JobHook | None = None) -> str:
+               now: float, *, policy: Backoff, rand: float, also: JobHook | None = None,
+               receipt_message_id: str | None = None) -> str:
     """Apply a receipt to the mail it answers (by Original-Message-ID) and recompute the job, in one transaction.
 
     Returns ``recorded``, ``duplicate`` (this mail has its receipt already: nothing changes) or ``unknown``.
     A failed-retry receipt queues a resend after the backoff (with a new Message-ID) until the tries run out.
+    With ``receipt_message_id`` the received receipt's ``inbound_mail`` row is marked done in the same
+    transaction (``mdn``, or ``mdn-unknown`` when it answers no mail of ours).
     """
     with writer(engine).begin() as conn:
-        mail = _mail_for_update(conn, tenant, M.c.message_id == original_message_id)
-        if mail is None:
-            return UNKNOWN
-        if mail.disposition is not None:
-            return DUPLICATE
-        state = mail_state_for(outcome)
-        values: dict = {"disposition": disposition[:128], "acknowledged_at": now, "lease_until": None,
-                        "state": state.value}
-        if mail.sent_at is None:
-            values["sent_at"] = now  # the receipt overtook our own bookkeeping
-        if state is MailState.FAILED_RETRYABLE:
-            state, run_after = after_send_failure(mail.attempts, True, policy, now, rand)
-            values.update(state=state.value, run_after=run_after or mail.run_after,
-                          last_error=f"receiver refused ({disposition[:100]}), resend possible")
-        elif state is MailState.FAILED_FINAL:
-            values["last_error"] = f"receiver refused ({disposition[:100]})"
-        conn.execute(update(M).where(M.c.pk == mail.pk).values(**values))
-        _recompute(conn, mail.job_pk, now, also, moved=[(mail.state, values["state"])])
+        result = _record_mdn(conn, tenant, original_message_id, outcome, disposition, now, policy, rand, also)
+        if receipt_message_id is not None:
+            _mark_inbound(conn, tenant, receipt_message_id, INBOUND_MDN_UNKNOWN if result == UNKNOWN else INBOUND_MDN)
+    return result
+
+
+def _record_mdn(conn: Connection, tenant: str, original_message_id: str, outcome: Outcome | str, disposition: str,
+                now: float, policy: Backoff, rand: float, also: JobHook | None) -> str:
+    mail = _mail_for_update(conn, tenant, M.c.message_id == original_message_id)
+    if mail is None:
+        return UNKNOWN
+    if mail.disposition is not None:
+        return DUPLICATE
+    state = mail_state_for(outcome)
+    values: dict = {"disposition": disposition[:128], "acknowledged_at": now, "lease_until": None,
+                    "state": state.value}
+    if mail.sent_at is None:
+        values["sent_at"] = now  # the receipt overtook our own bookkeeping
+    if state is MailState.FAILED_RETRYABLE:
+        state, run_after = after_send_failure(mail.attempts, True, policy, now, rand)
+        values.update(state=state.value, run_after=run_after or mail.run_after,
+                      last_error=f"receiver refused ({disposition[:100]}), resend possible")
+    elif state is MailState.FAILED_FINAL:
+        values["last_error"] = f"receiver refused ({disposition[:100]})"
+    conn.execute(update(M).where(M.c.pk == mail.pk).values(**values))
+    _recompute(conn, mail.job_pk, now, also, moved=[(mail.state, values["state"])])
     return RECORDED
 
 
@@ -669,8 +682,12 @@ def record_inbound(engine: Engine, tenant: str, message_id: str, sender: str | N
 def set_inbound_state(engine: Engine, tenant: str, message_id: str, state: str, error: str | None = None) -> None:
     """Set the processing state of a received mail (received, fragment, imported, quarantined, mdn, ...)."""
     with writer(engine).begin() as conn:
-        done = conn.execute(update(IM).where(IM.c.tenant == tenant, IM.c.message_id == message_id)
-                            .values(state=state, error=error))
+        _mark_inbound(conn, tenant, message_id, state, error)
+
+
+def _mark_inbound(conn: Connection, tenant: str, message_id: str, state: str, error: str | None = None) -> None:
+    done = conn.execute(update(IM).where(IM.c.tenant == tenant, IM.c.message_id == message_id)
+                        .values(state=state, error=error))
     if done.rowcount == 0:
         raise not_found(f"no inbound mail {message_id}")
 
@@ -729,11 +746,13 @@ def _set(row) -> SetRow:
     return _make(SetRow, row)
 
 
-def add_set_part(engine: Engine, tenant: str, part: NewPart, now: float, mdn: NewMdn | None = None) -> PartResult:
+def add_set_part(engine: Engine, tenant: str, part: NewPart, now: float, mdn: NewMdn | None = None, *,
+                 mark: str | None = None) -> PartResult:
     """Record a verified instance of a DRG set; the set becomes ``complete`` when all of its parts are in.
 
     A repeated (set, part) changes nothing but queues ``mdn`` again (the sender resent: re-acknowledge).
-    INVALID when the part contradicts the set (SETTOTAL, part out of range).
+    INVALID when the part contradicts the set (SETTOTAL, part out of range). With ``mark`` the carrying mail's
+    ``inbound_mail`` row (``part.message_id``) gets that state in the same transaction.
     """
     if part.total < 1 or not 1 <= part.set_part <= part.total:
         raise invalid(f"X-TELEMEDICINE-SETPART {part.set_part} of {part.total} is out of range")
@@ -757,6 +776,8 @@ def add_set_part(engine: Engine, tenant: str, part: NewPart, now: float, mdn: Ne
         if s.study_uid and part.study_uid and s.study_uid != part.study_uid:
             raise invalid(f"set {part.set_id}: X-TELEMEDICINE-STUDYID differs between parts")
         seen = conn.execute(select(PT.c.pk).where(PT.c.set_pk == s.pk, PT.c.set_part == part.set_part)).first()
+        if mark is not None and part.message_id is not None:
+            _mark_inbound(conn, tenant, part.message_id, mark)
         if seen is not None:
             if mdn is not None:
                 _enqueue_mdn(conn, tenant, mdn, now)
