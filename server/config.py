@@ -77,7 +77,8 @@ class Settings(BaseSettings):
     default_max_mail_size: int = Field(default=20 * 1024**2, gt=1024,
                                        description="mail size limit of recipients whose Endpoint names none")
     send_batch: int = Field(default=32, ge=1, description="mails leased per round of the sender")
-    send_concurrency: int = Field(default=8, ge=1, description="mails built and sent at once (each holds ~4x its mail in memory)")
+    send_concurrency: int = Field(default=8, ge=1,
+                                  description="mails built and sent at once (each holds ~4x its mail in memory)")
     send_lease_seconds: float = Field(default=600.0, gt=0, description="lease of a mail being sent")
     send_retry_base_seconds: float = Field(default=30.0, gt=0, description="first retry delay (doubles)")
     send_retry_max_seconds: float = Field(default=3600.0, gt=0, description="longest retry delay")

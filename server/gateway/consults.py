@@ -17,8 +17,9 @@ Mails of legacy DRG gateways carry neither: the consult is then a ``teleconsult`
 Idempotent: the ServiceRequest carries A's order identifier (for legacy mails ``<SETID>@<sender>`` in the same
 system, so that every consult received from another site carries one: ``server.gateway.orders.is_order`` never
 takes it for an order of ours to send) and the set's ``https://telerad-bridge.de/fhir/sid/drg-set`` |
-``<SETID>@<sender>``; a repeat finds it and its Task instead of making a second consult. A's order identifier is honoured only when it names the (signed) sender's address, so
-one site cannot attach its set to another site's order.
+``<SETID>@<sender>``; a repeat finds it and its Task instead of making a second consult. A's order identifier
+is honoured only when it names the (signed) sender's address, so one site cannot attach its set to another
+site's order.
 """
 
 from __future__ import annotations

@@ -170,7 +170,8 @@ def parse_order(sr: dict) -> Order:
             reports.append((i, literal[len("DiagnosticReport/"):]))
     if len(set(studies)) != 1:
         issues.append(_issue("required", "supportingInfo must name exactly one ImagingStudy (a reference, or an "
-                             "identifier urn:dicom:uid | urn:oid:<Study Instance UID>)", "ServiceRequest.supportingInfo"))
+                             "identifier urn:dicom:uid | urn:oid:<Study Instance UID>)",
+                             "ServiceRequest.supportingInfo"))
     options = set()
     for i, detail in enumerate(sr.get("orderDetail") or ()):
         for coding in (detail or {}).get("coding") or ():
