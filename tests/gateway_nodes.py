@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,3 +177,14 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    """Nodes A (site-a, a.example) and B (site-b, b.example) that know and route to each other (not started)."""
+    a, b = Node(tmp_path, "a"), Node(tmp_path, "b")
+    a.learn(b)
+    b.learn(a)
+    yield a, b
+    for node in (a, b):
+        node.stop()

@@ -11,17 +11,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.dicomdata import make_instance, multipart
-from tests.gateway_nodes import Node, wait_for
-
-
-@pytest.fixture
-def nodes(tmp_path):
-    a, b = Node(tmp_path, "a"), Node(tmp_path, "b")
-    a.learn(b)
-    b.learn(a)
-    yield a, b
-    for node in (a, b):
-        node.stop()
+from tests.gateway_nodes import Node, nodes, wait_for  # noqa: F401 (fixture)
 
 
 def _stats(node: Node, **params) -> dict:

@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 
 from tests.component.test_wado import split_multipart
 from tests.dicomdata import make_instance, multipart
-from tests.gateway_nodes import Node, free_port, wait_for
+from tests.gateway_nodes import Node, free_port, nodes, wait_for  # noqa: F401 (fixture)
 
 
 
@@ -81,16 +81,6 @@ def _sets(node: Node) -> list[dict]:
         r = h.get("/gateway/sets")
     assert r.status_code == 200, r.text
     return r.json()["sets"]
-
-
-@pytest.fixture
-def nodes(tmp_path):
-    a, b = Node(tmp_path, "a"), Node(tmp_path, "b")
-    a.learn(b)
-    b.learn(a)
-    yield a, b
-    for node in (a, b):
-        node.stop()
 
 
 def test_study_stowed_at_a_arrives_at_b_byte_exact_with_all_receipts(nodes):
