@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import smtplib
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -259,3 +262,160 @@ def test_stop_lets_a_running_sink_answer_then_closes_idle_sessions(tls_cert):
         idle.noop()
         idle.noop()
     idle.close()
+
+
+# DATA read in chunks (_Session.smtp_DATA): same behaviour as aiosmtpd's line reader ----------------------
+
+class _Raw:
+    """A plain SMTP session on a socket: the test writes bytes as it likes and reads whole replies."""
+
+    def __init__(self, ingress: SmtpIngress) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", ingress.port), timeout=30)
+        self.file = self.sock.makefile("rb")
+        assert self.reply()[0] == 220
+
+    def reply(self) -> tuple[int, bytes]:
+        lines = []
+        while True:
+            line = self.file.readline()
+            assert line, "connection closed"
+            lines.append(line[4:].rstrip(b"\r\n"))
+            if line[3:4] != b"-":
+                return int(line[:3]), b"\n".join(lines)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def envelope(self) -> None:
+        self.send(b"EHLO mx.site-a.example\r\nMAIL FROM:<a@site-a.example>\r\nRCPT TO:<b@site-b.example>\r\nDATA\r\n")
+        assert [self.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def test_2_mb_mail_byte_exact(ingress_factory, tls_cert):
+    store = Store()
+    ingress = ingress_factory(store, max_bytes=4 * 1024**2)
+    body = base64.encodebytes(bytes(range(256)) * (1536 * 1024 // 256)).replace(b"\n", b"\r\n")
+    raw = mail(body=body)
+    assert len(raw) > 2 * 1024**2
+    with _client(ingress, tls_cert) as smtp:
+        assert smtp.sendmail("a@site-a.example", ["b@site-b.example"], raw) == {}
+    assert [m[0] for m in store.mails] == [raw] and store.mails[0][1].size == len(raw)
+
+
+def test_lines_starting_with_a_dot_arrive_unstuffed(ingress_factory, tls_cert):
+    store = Store()
+    ingress = ingress_factory(store)
+    body = b".first\r\nx\r\n.\r\n..\r\n...three\r\nend.\r\n.a.\r\n.\r\n"  # smtplib stuffs every leading dot
+    raw = b"." + mail(body=body)  # the very first line too
+    with _client(ingress, tls_cert) as smtp:
+        assert smtp.sendmail("a@site-a.example", ["b@site-b.example"], raw) == {}
+    assert [m[0] for m in store.mails] == [raw]
+
+
+def test_empty_body(ingress_factory):
+    store = Store()
+    ingress = ingress_factory(store, tls=False)
+    session = _Raw(ingress)
+    try:
+        session.envelope()
+        session.send(b".\r\n")  # the end marker as the very first line: no content at all
+        assert session.reply()[0] == 250
+        session.send(b"MAIL FROM:<a@site-a.example>\r\nRCPT TO:<b@site-b.example>\r\nDATA\r\n")
+        assert [session.reply()[0] for _ in range(3)] == [250, 250, 354]
+        session.send(b"\r\n.\r\n")  # one empty line
+        assert session.reply()[0] == 250
+    finally:
+        session.close()
+    assert [m[0] for m in store.mails] == [b"", b"\r\n"]
+
+
+@pytest.mark.parametrize("length", [1000, 1001, 5000, 300_000])
+def test_line_too_long_is_500_and_not_stored(ingress_factory, tls_cert, length):
+    store = Store()
+    ingress = ingress_factory(store)
+    with _client(ingress, tls_cert) as smtp:
+        smtp.mail("a@site-a.example")
+        smtp.rcpt("b@site-b.example")
+        code, reply = smtp.data(mail(body=b"ok\r\n" + b"x" * length + b"\r\nok\r\n"))
+        assert (code, reply) == (500, b"Line too long (see RFC5321 4.5.3.1.6)")
+        assert smtp.sendmail("a@site-a.example", ["b@site-b.example"], mail()) == {}  # the session goes on
+    assert len(store.mails) == 1
+
+
+def test_longest_allowed_line_passes(ingress_factory, tls_cert):
+    store = Store()
+    ingress = ingress_factory(store)
+    raw = mail(body=b"x" * 999 + b"\r\n")  # 1001 with its CRLF: aiosmtpd's line_length_limit
+    with _client(ingress, tls_cert) as smtp:
+        assert smtp.sendmail("a@site-a.example", ["b@site-b.example"], raw) == {}
+    assert [m[0] for m in store.mails] == [raw]
+
+
+def test_over_size_without_size_is_552_and_not_stored(ingress_factory, tls_cert):
+    store = Store()
+    ingress = ingress_factory(store, max_bytes=1024**2)
+    line = b"QUJD" * 19 + b"\r\n"
+    with _client(ingress, tls_cert) as smtp:
+        smtp.mail("a@site-a.example")  # no SIZE=: the server counts
+        smtp.rcpt("b@site-b.example")
+        code, _ = smtp.data(mail(body=line * (3 * 1024**2 // len(line))))
+        assert code == 552
+        # a too long line after the limit was passed: still 552 (aiosmtpd answers the first problem)
+        smtp.mail("a@site-a.example")
+        smtp.rcpt("b@site-b.example")
+        code, _ = smtp.data(mail(body=line * (1024**2 // len(line) + 10) + b"x" * 2000 + b"\r\n"))
+        assert code == 552
+        # a too long line before the limit: 500
+        smtp.mail("a@site-a.example")
+        smtp.rcpt("b@site-b.example")
+        code, _ = smtp.data(mail(body=b"x" * 2000 + b"\r\n" + line * (2 * 1024**2 // len(line))))
+        assert code == 500
+        assert smtp.sendmail("a@site-a.example", ["b@site-b.example"], mail()) == {}
+    assert len(store.mails) == 1
+
+
+def test_two_mails_in_one_session(ingress_factory, tls_cert):
+    store = Store()
+    ingress = ingress_factory(store)
+    first, second = mail(subject="one", body=b"a\r\n.\r\n" * 1000), mail(subject="two")
+    with _client(ingress, tls_cert) as smtp:
+        assert smtp.sendmail("a@site-a.example", ["b@site-b.example"], first) == {}
+        assert smtp.sendmail("a@site-a.example", ["b@site-b.example"], second) == {}
+    assert [m[0] for m in store.mails] == [first, second]
+
+
+def test_pipelined_client(ingress_factory):
+    store = Store()
+    ingress = ingress_factory(store, tls=False)
+    first, second = mail(subject="one", body=b"QUJD\r\n" * 5000), mail(subject="two")
+    session = _Raw(ingress)
+    try:
+        session.envelope()
+        # RFC 2920: the next commands right behind the end marker, in the same write
+        session.send(first + b".\r\nMAIL FROM:<a@site-a.example>\r\nRCPT TO:<b@site-b.example>\r\nDATA\r\n")
+        assert [session.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        session.send(second + b".\r\nQUIT\r\n")
+        assert [session.reply()[0] for _ in range(2)] == [250, 221]
+    finally:
+        session.close()
+    assert [m[0] for m in store.mails] == [first, second]
+
+
+def test_disconnect_mid_data_stores_nothing(ingress_factory, tls_cert):
+    store = Store()
+    ingress = ingress_factory(store, tls=False)
+    session = _Raw(ingress)
+    session.envelope()
+    session.send(mail(body=b"QUJD\r\n" * 50_000)[:200_000])  # no end marker
+    session.close()
+    deadline = time.monotonic() + 10
+    while ingress.connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not ingress.connections  # the server ended the session
+    with _client(ingress, tls_cert, tls=False) as smtp:  # and keeps serving
+        assert smtp.sendmail("a@site-a.example", ["b@site-b.example"], mail()) == {}
+    assert len(store.mails) == 1
