@@ -203,7 +203,8 @@ def sender_keys(service: FhirService, tenant: str, address: str) -> list[PublicK
 
     Endpoints are found by our ``address`` search parameter and compared exactly (``mailto:``, any case); an
     Endpoint whose key cannot be read or does not match its fingerprint extension is skipped (logged). Empty
-    when the address is unknown. Caching is the caller's business.
+    when the address is unknown. Caching is the caller's business (the gateway's Inbound keeps an address's keys
+    for a minute, never an empty answer).
     """
     want = normalize_address(address)
     if not want or "@" not in want:

@@ -26,6 +26,7 @@ import enum
 import json
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -99,6 +100,12 @@ REASON_BY_DEFECT: dict[Defect, Reason] = {
 # Column sizes of the gateway tables (server/store/gateway_models.py): longer peer values are never stored.
 MAX_MESSAGE_ID, MAX_ADDRESS, MAX_SET_ID = 255, 320, 128
 
+# Sender keys read from the directory are kept this long per (tenant, address): a directory change (new, replaced
+# or withdrawn key) applies to received mails within a minute. An address without keys is never kept, so a
+# sender imported just now is accepted with its first mail.
+SENDER_KEYS_TTL = 60.0
+SENDER_KEYS_MAX = 4096  # cached (tenant, address) pairs; the cache is emptied when it grows past this
+
 # inbound_mail.state values (at most 16 characters)
 RECEIVED, STORED, FRAGMENT, QUARANTINED = "received", "stored", "fragment", "quarantined"
 MDN, MDN_UNKNOWN = gw.INBOUND_MDN, gw.INBOUND_MDN_UNKNOWN
@@ -149,6 +156,20 @@ class _Mail:
     message_id: str
     outer: Outer | None
     quarantined_before: bool  # seen before and quarantined then: no second quarantine row
+    strict: Outer | None = None  # parse_outer's reading when the mail passed it (None: refused or not tried)
+
+
+def _outers(raw: bytes) -> tuple[Outer | None, Outer | None]:
+    """(read_outer, parse_outer) of a raw mail with one parse for a good mail: parse_outer's answer serves as
+    both (same fields; it only refuses more), read_outer runs only when parse_outer refuses (None: both refuse)."""
+    try:
+        strict = parse_outer(raw)
+    except Exception:  # noqa: BLE001 - refused or not: _instance parses again and fails as it always did
+        try:
+            return read_outer(raw), None
+        except MailError:
+            return None, None
+    return strict, strict
 
 
 class Inbound:
@@ -167,6 +188,27 @@ class Inbound:
         self.on_mdn = on_mdn
         self.clock = clock
         self.policy = send_policy(settings)
+        self._keys: dict[tuple[str, str], tuple[float, list]] = {}  # (tenant, address) -> (expiry, keys)
+        self._keys_lock = threading.Lock()
+
+    def sender_keys(self, tenant: str, address: str) -> list:
+        """The directory keys of ``address`` in ``tenant`` (server.gateway.directory.sender_keys), kept for
+        SENDER_KEYS_TTL seconds per tenant and address; an empty answer is not kept."""
+        cache_key = (tenant, normalize_address(address))
+        now = time.monotonic()
+        with self._keys_lock:
+            hit = self._keys.get(cache_key)
+        if hit is not None and hit[0] > now:
+            return list(hit[1])
+        keys = sender_keys(self.fhir, tenant, address)
+        with self._keys_lock:
+            if keys:
+                if len(self._keys) >= SENDER_KEYS_MAX:
+                    self._keys.clear()
+                self._keys[cache_key] = (now + SENDER_KEYS_TTL, list(keys))
+            else:
+                self._keys.pop(cache_key, None)
+        return keys
 
     # ---- the sink ------------------------------------------------------------------------------------------
     def __call__(self, raw: bytes, meta: Received, *, tenant: str | None = None) -> None:
@@ -193,10 +235,7 @@ class Inbound:
 
     def _receive(self, site: Site, raw: bytes) -> None:
         sha = gw.store_blob(self.blobs, raw)
-        try:
-            outer: Outer | None = read_outer(raw)
-        except MailError:
-            outer = None
+        outer, strict = _outers(raw)
         message_id = outer.message_id if outer else None
         if not message_id or len(message_id) > MAX_MESSAGE_ID:  # none, or too long to keep: dedup by content
             message_id = f"<sha256.{sha}@{domain_of(site.address)}>"
@@ -210,7 +249,8 @@ class Inbound:
                 return
             log.info("mail %s for %s received again: acknowledged again, not imported twice", message_id,
                      site.tenant)
-        self._process(_Mail(site, raw, sha, message_id, outer, quarantined_before=state == QUARANTINED))
+        self._process(_Mail(site, raw, sha, message_id, outer, quarantined_before=state == QUARANTINED,
+                            strict=strict))
 
     def _process(self, mail: _Mail) -> None:
         """Process one recorded mail by kind; a verification failure quarantines it (never raises for those)."""
@@ -267,13 +307,14 @@ class Inbound:
     def _instance(self, mail: _Mail) -> None:
         site, outer = mail.site, mail.outer
         assert outer is not None
-        strict = parse_outer(mail.raw)  # refuses plain mail, wrong protocol, broken set headers
+        # parse_outer refuses plain mail, wrong protocol, broken set headers (parsed once in _receive when it passed)
+        strict = mail.strict if mail.strict is not None else parse_outer(mail.raw)
         if strict.emergency:
             log.warning("NOTFALL: emergency mail %s from %s for %s (set %s)", mail.message_id, strict.sender,
                         site.tenant, strict.set.set_id if strict.set else "-")
         if not strict.sender or len(strict.sender) > MAX_ADDRESS:
             raise Refused(Reason.UNKNOWN_SENDER, ErrorKind.UNAUTHENTICATED, "the mail has no usable From address")
-        keys = sender_keys(self.fhir, site.tenant, strict.sender)
+        keys = self.sender_keys(site.tenant, strict.sender)
         if not keys:
             raise Refused(Reason.UNKNOWN_SENDER, ErrorKind.UNAUTHENTICATED,
                           f"no key for {strict.sender} in the directory")

@@ -435,3 +435,49 @@ def test_a_broken_receipt_is_quarantined_and_never_answered(lite):
     [q] = lite.quarantined()
     assert q.reason == "malformed" and "Disposition" in q.message
     assert lite.mdns() == []
+
+
+# ---- directory keys kept per tenant and address (SQLite) -----------------------------------------------------
+def test_sender_keys_are_kept_for_a_minute_per_tenant_but_an_unknown_sender_is_asked_again(lite, keys, monkeypatch):
+    import server.gateway.inbound as inbound_module
+
+    calls: list[tuple[str, str]] = []
+    real = inbound_module.sender_keys
+
+    def counting(fhir, tenant, address):
+        calls.append((tenant, address))
+        return real(fhir, tenant, address)
+
+    monkeypatch.setattr(inbound_module, "sender_keys", counting)
+    _, raws = mails(keys, 3)
+    for raw in raws:
+        lite.send(raw)
+    assert [s.state for s in lite.sets()] == ["imported"] and len(calls) == 1  # one directory read for 3 mails
+
+    # a sender without a directory key is refused, imported into the directory, and accepted with its next mail
+    _, [first] = mails(keys, 1, sender=STRANGER, signer="c")
+    lite.send(first, sender=STRANGER)
+    assert [q.reason for q in lite.quarantined()] == ["unknown-sender"]
+    armored = export_public_key(keys["c"].public()).decode("ascii")
+    row = SiteRow(line=1, site_id="site-x", organization="Klinikum X", city="Kiel", telematik_id=None,
+                  address=STRANGER, max_mail_size=None, drg_profile_version="1.7", public_key=armored, network=None)
+    import_bundle(lite.inbound.fhir, T, {"resourceType": "Bundle", "type": "transaction",
+                                         "entry": [{"resource": r} for r in site_resources(row, armored)]})
+    _, [second] = mails(keys, 1, sender=STRANGER, signer="c")
+    lite.send(second, sender=STRANGER)
+    assert len(lite.quarantined()) == 1
+    assert gw.inbound_state(lite.engine, T, message_id(second)) == STORED
+
+    # never shared across tenants: another tenant's directory is asked (and has no key for the sender)
+    assert lite.inbound.sender_keys("site-other", SENDER) == []
+    assert calls[-1] == ("site-other", SENDER)
+
+    # once the entry has expired the directory is read again
+    n = len(calls)
+    assert [k.fingerprint for k in lite.inbound.sender_keys(T, SENDER)] == [keys["a"].fingerprint]
+    assert len(calls) == n
+    monkeypatch.setattr(inbound_module, "SENDER_KEYS_TTL", 0.0)
+    lite.inbound._keys.clear()
+    for _ in range(2):
+        assert [k.fingerprint for k in lite.inbound.sender_keys(T, SENDER)] == [keys["a"].fingerprint]
+    assert calls[n:] == [(T, SENDER), (T, SENDER)]

@@ -167,6 +167,22 @@ def test_crc24_large_inputs_cross_the_folding_cycle():
     assert crc24(b"") == 0xB704CE
 
 
+@pytest.mark.parametrize("size", [4097, 13_001, 104_087 // 8 + 1, 40_000, 123_457, 400_003, (1 << 20) + 1])
+@pytest.mark.parametrize("lead", [b"", b"\0" * 20_000, b"\xff" * 7])
+def test_crc24_exact_across_the_sparse_folds(size, lead):
+    data = lead + os.urandom(size)
+    assert crc24(data) == crc24_reference(data)
+
+
+def test_crc24_sparse_exponents_are_what_they_claim():
+    from server.crypto.armor import _SPARSE, _xpow
+
+    assert list(_SPARSE) == sorted(_SPARSE)
+    for k, a, b in _SPARSE:
+        assert _xpow(k) == 1 | 1 << a | 1 << b
+    assert all(later[0] < 2 * earlier[0] for earlier, later in zip(_SPARSE, _SPARSE[1:]))
+
+
 @given(st.binary(max_size=3000), st.sampled_from([MESSAGE, SIGNATURE]))
 def test_armor_round_trip(data, kind):
     block = armor(kind, data, headers=(("Comment", "telerad"),))
