@@ -99,12 +99,18 @@ class BlobStore:
     def place(self, spool: SpoolFile) -> str:
         """Move a spooled file to its content address (not yet durable: call ``sync``); returns the digest.
 
-        If the blob exists already the spool is dropped (same content).
+        If the blob exists already with the same size the spool is dropped (same content). An existing file of
+        another size is what a crash can leave of a blob that was placed but never synced (``put(durable=False)``
+        whose mail was never acknowledged): the spool replaces it, so the redelivery heals the blob.
         """
         digest = spool.sha256.hexdigest()
         spool.close()
         target = self.path_of(digest)
-        if target.exists():
+        try:
+            existing = target.stat().st_size
+        except FileNotFoundError:
+            existing = None
+        if existing == spool.size:
             spool.discard()
             return digest
         if target.parent not in self._dirs:
@@ -139,6 +145,25 @@ class BlobStore:
         """Place a spooled file and make it durable (fsync, atomic rename, directory fsync)."""
         digest = self.place(spool)
         self.sync([digest])
+        return digest
+
+    def put(self, data: bytes | memoryview, *, durable: bool = True) -> str:
+        """Write ``data`` as a blob; returns its sha256 (content address).
+
+        ``durable=False`` places it without a sync: the caller must ``sync`` it (alone or with the other blobs
+        of the same step, one ``syncfs``) before any commit that an acknowledgement depends on. Until then a
+        crash may lose or truncate it; that is only allowed where the data will be written again (a mail not yet
+        acknowledged is redelivered with the same content, and ``place`` replaces a truncated blob).
+        """
+        spool = self.spool()
+        try:
+            spool.write(data)
+        except BaseException:
+            spool.discard()
+            raise
+        digest = self.place(spool)
+        if durable:
+            self.sync([digest])
         return digest
 
     def sweep_tmp(self) -> int:
