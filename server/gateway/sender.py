@@ -58,7 +58,7 @@ from server.store.archive import Archive, NewInstance, Verdict
 from server.store.blobs import BlobStore
 from server.store.gateway import (MDN_DEAD, MDN_PENDING, MDN_SENT, ClaimedMail, Job, JobHook, Mail, QueuedMdn,
                                   claim_mails, claim_mdns, drop_fragments, finish_mdn, mark_failed, mark_sent,
-                                  next_due, report_incomplete, stale_fragments, sweep_receipts)
+                                  mark_sent_many, next_due, report_incomplete, stale_fragments, sweep_receipts)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -130,8 +130,36 @@ class Sender:
                               lease=self.settings.send_lease_seconds, message_id=message_id_for, also=self._also)
         if claimed:
             lookups = self._lookups(claimed)
-            self._each(claimed, lambda c: self._send_mail(c, lookups))
+            accepted: list[tuple[ClaimedMail, int]] = []  # list.append is atomic: filled by the send threads
+            self._each(claimed, lambda c: self._send_mail(c, lookups, accepted))
+            self._book_sent(accepted)
         return len(claimed)
+
+    def _book_sent(self, accepted: Sequence[tuple[ClaimedMail, int]]) -> None:
+        """Record the round's accepted mails as sent in one transaction (``mark_sent_many``: one commit and one
+        job recount per round instead of per mail); when that fails, each mail on its own (``mark_sent``).
+
+        A mail is booked when the round ends, not when its send ends: a receipt arriving meanwhile is recorded
+        as it always was (the receipt overtook our bookkeeping), and a crash before the booking means a resend
+        with the same Message-ID when the lease ends (re-acknowledged by the receiver, not imported twice)."""
+        if not accepted:
+            return
+        try:
+            gone = mark_sent_many(self.engine, [(c.mail.tenant, c.mail.pk, size) for c, size in accepted],
+                                  self._clock(), also=self._also)
+        except Exception:  # noqa: BLE001 - one at a time, so that one bad row does not lose the others
+            log.warning("gateway sender: booking %d sent mails at once failed, one at a time now", len(accepted),
+                        exc_info=True)
+            for claimed, size in accepted:
+                mail, job = claimed.mail, claimed.job
+                self._book(f"mail {mail.set_part}/{job.total} of job {job.job_id}",
+                           lambda: mark_sent(self.engine, mail.tenant, mail.pk, self._clock(), also=self._also,
+                                             size=size))
+            return
+        for claimed, _ in accepted:
+            if claimed.mail.pk in gone:
+                log.info("mail %s/%s of job %s is gone, its outcome is not recorded", claimed.mail.set_part,
+                         claimed.job.total, claimed.job.job_id)
 
     def _lookups(self, claimed: Sequence[ClaimedMail]) -> _Lookups:
         jobs = {c.job.pk: c.job for c in claimed}
@@ -169,8 +197,10 @@ class Sender:
             blobs[item.parsed.sop_instance_uid] = job.report_blob
         return blobs
 
-    def _send_mail(self, claimed: ClaimedMail, lookups: _Lookups) -> None:
-        """Build and send one leased mail and record the outcome; never raises."""
+    def _send_mail(self, claimed: ClaimedMail, lookups: _Lookups,
+                   accepted: list[tuple[ClaimedMail, int]] | None = None) -> None:
+        """Build and send one leased mail and record a failure; never raises. An accepted mail is recorded at
+        once, or appended to ``accepted`` (with its size) for the round's ``_book_sent``."""
         mail, job = claimed.mail, claimed.job
         where = f"mail {mail.set_part}/{job.total} of job {job.job_id}"
         try:
@@ -182,6 +212,9 @@ class Sender:
             self._book(where, lambda: mark_failed(self.engine, mail.tenant, mail.pk, self._clock(), text,
                                                   retryable=retryable, policy=self.policy, rand=self._rand(),
                                                   also=self._also))
+            return
+        if accepted is not None:
+            accepted.append((claimed, size))
             return
         self._book(where, lambda: mark_sent(self.engine, mail.tenant, mail.pk, self._clock(), also=self._also,
                                             size=size))

@@ -536,6 +536,43 @@ def mark_sent(engine: Engine, tenant: str, mail_pk: int, now: float, also: JobHo
     return dataclasses.replace(mail, **values)
 
 
+def mark_sent_many(engine: Engine, sent: Sequence[tuple[str, int, int | None]], now: float,
+                   also: JobHook | None = None) -> list[int]:
+    """``mark_sent`` for several accepted mails, (tenant, mail pk, size) each, in ONE transaction with one
+    recount per job (instead of a commit and a recount per mail); returns the pks of mails no longer there
+    (job deleted meanwhile), which are skipped. Job rows are locked in pk order (one lock order).
+
+    Trade-off: a crash after the SMTP server accepted some mails but before this commit leaves them leased;
+    they are sent again with the same Message-ID when the lease ends, and the receiver re-acknowledges the
+    duplicate without a second import. The ``also`` hook sees the job once per call (the progress steps of
+    the whole batch, e.g. sending -> all-sent)."""
+    gone: list[int] = []
+    with writer(engine).begin() as conn:
+        found = conn.execute(select(M.c.pk, M.c.job_pk, M.c.tenant).where(
+            M.c.pk.in_([pk for _, pk, _ in sent]))).all()
+        where = {r.pk: r for r in found}
+        todo = sorted(((where[pk].job_pk, pk, size) for tenant, pk, size in sent
+                       if pk in where and where[pk].tenant == tenant), key=lambda t: (t[0], t[1]))
+        gone = [pk for tenant, pk, _ in sent if pk not in where or where[pk].tenant != tenant]
+        moved: dict[int, list[tuple[str, str]]] = {}
+        for job_pk, pk, size in todo:
+            if job_pk not in moved:
+                _lock_job(conn, job_pk)
+                moved[job_pk] = []
+            stmt = select(M).where(M.c.pk == pk)
+            mail = _mail(conn.execute(stmt.with_for_update() if conn.dialect.name == "postgresql" else stmt).one())
+            values: dict = {"sent_at": mail.sent_at or now}
+            if size is not None:
+                values["size"] = size
+            if MailState(mail.state) in DUE:
+                values.update(state=MailState.SENT.value, sent_at=now, lease_until=None, last_error=None)
+            conn.execute(update(M).where(M.c.pk == pk).values(**values))
+            moved[job_pk].append((mail.state, values.get("state", mail.state)))
+        for job_pk, moves in moved.items():
+            _recompute(conn, job_pk, now, also, moved=moves)
+    return gone
+
+
 def mark_failed(engine: Engine, tenant: str, mail_pk: int, now: float, error: str, *, retryable: bool,
                 policy: Backoff, rand: float, also: JobHook | None = None) -> Mail:
     """Record a failed send: retried after the backoff, or failed finally (dead letter) when the tries are
@@ -569,6 +606,27 @@ def record_mdn(engine: Engine, tenant: str, original_message_id: str, outcome: O
         if receipt_message_id is not None:
             _mark_inbound(conn, tenant, receipt_message_id, INBOUND_MDN_UNKNOWN if result == UNKNOWN else INBOUND_MDN)
     return result
+
+
+def record_receipt(engine: Engine, tenant: str, message_id: str, sender: str | None, raw_sha256: str, size: int,
+                   original_message_id: str, outcome: Outcome | str, disposition: str, now: float, *,
+                   policy: Backoff, rand: float, also: JobHook | None = None) -> str | None:
+    """A received receipt (MDN) recorded in ONE transaction: its ``inbound_mail`` row (state ``mdn``, or
+    ``mdn-unknown`` when it answers no mail of ours) and ``record_mdn`` on the mail it answers; instead of
+    ``record_inbound`` + ``record_mdn`` (two commits). Returns ``record_mdn``'s result, or None when the
+    Message-ID was received before: nothing changed then (the caller handles the redelivery as before)."""
+    try:
+        with writer(engine).begin() as conn:
+            if conn.execute(select(IM.c.pk).where(IM.c.tenant == tenant, IM.c.message_id == message_id)
+                            ).first() is not None:
+                return None
+            result = _record_mdn(conn, tenant, original_message_id, outcome, disposition, now, policy, rand, also)
+            conn.execute(insert(IM).values(
+                tenant=tenant, message_id=message_id, sender=sender, received_at=now, raw_sha256=raw_sha256,
+                size=size, state=INBOUND_MDN_UNKNOWN if result == UNKNOWN else INBOUND_MDN, error=None))
+        return result
+    except IntegrityError:  # the same Message-ID recorded concurrently (PostgreSQL): all of it rolled back
+        return None
 
 
 def _record_mdn(conn: Connection, tenant: str, original_message_id: str, outcome: Outcome | str, disposition: str,
