@@ -172,6 +172,12 @@ def _outers(raw: bytes) -> tuple[Outer | None, Outer | None]:
     return strict, strict
 
 
+def _raw_deferred(strict: Outer | None) -> bool:
+    """Whether the raw blob of a mail is placed without a sync (``Inbound._store_raw``): a mail that passed
+    ``parse_outer`` as an instance mail, whose every way on syncs it (``_instance`` or ``_quarantine``)."""
+    return strict is not None and strict.kind is MailKind.ENCRYPTED
+
+
 class Inbound:
     """The gateway's receiving side for all tenants (an edge: blob store + database; sync, worker threads)."""
 
@@ -237,7 +243,7 @@ class Inbound:
         outer, strict = _outers(raw)
         if outer is not None and outer.kind is MailKind.MDN and self._receipt_fast(site, raw, outer):
             return
-        sha = gw.store_blob(self.blobs, raw)
+        sha = self._store_raw(raw, strict)
         message_id = outer.message_id if outer else None
         if not message_id or len(message_id) > MAX_MESSAGE_ID:  # none, or too long to keep: dedup by content
             message_id = f"<sha256.{sha}@{domain_of(site.address)}>"
@@ -340,6 +346,19 @@ class Inbound:
         gw.set_inbound_state(self.engine, tenant, mail.message_id, FRAGMENT)
 
     # ---- instance mails ------------------------------------------------------------------------------------
+    def _store_raw(self, raw: bytes, strict: Outer | None) -> str:
+        """The raw mail as a blob: durable at once, except for a well-formed instance mail (``_raw_deferred``).
+
+        An instance mail's raw blob is placed without a sync: ``_instance`` makes it durable together with the
+        decrypted DICOM blob (one ``blobs.sync``, one ``syncfs``) before the ``add_set_part`` commit, and
+        ``_quarantine`` before the quarantine commit. The ``inbound_mail`` row committed in between
+        (``record_inbound``) may then point at a blob a crash lost or truncated; but a crash before those commits
+        means the mail was never acknowledged (no SMTP 250, not deleted from the polled mailbox): the peer
+        delivers it again, ``record_inbound`` finds the Message-ID, the mail is processed again and ``put``
+        writes the same content address again (``BlobStore.place`` replaces a truncated file).
+        """
+        return self.blobs.put(raw, durable=not _raw_deferred(strict))
+
     def _instance(self, mail: _Mail) -> None:
         site, outer = mail.site, mail.outer
         assert outer is not None
@@ -365,7 +384,7 @@ class Inbound:
         if len(info.set_id) > MAX_SET_ID:
             raise Refused(Reason.BAD_SET, ErrorKind.INVALID, f"X-TELEMEDICINE-SETID is longer than {MAX_SET_ID} "
                                                              "characters")
-        sha = gw.store_blob(self.blobs, inner.dicom)
+        sha = self.blobs.put(inner.dicom, durable=False)  # synced with the raw mail before add_set_part
         try:
             parsed = parse_part10(self.blobs.path_of(sha))
         except ServerError as exc:
@@ -383,6 +402,8 @@ class Inbound:
                           size=len(inner.dicom), order_json=order_json, note=note,
                           emergency=bool(strict.emergency or inner.emergency))
         mdn = self._mdn(site, outer, disposition_for(None, warning=bool(warnings)), text)
+        # both blobs durable in one sync before the commit that records the part (and leads to the 250)
+        self.blobs.sync([mail.sha256, sha] if _raw_deferred(mail.strict) else [sha])
         try:
             result = gw.add_set_part(self.engine, site.tenant, part, self.clock(), mdn, mark=STORED)
         except ServerError as exc:
@@ -429,6 +450,8 @@ class Inbound:
         sender = _clip(outer.sender if outer else None, MAX_ADDRESS)
         log.warning("mail %s from %s for %s refused (%s): %s", mail.message_id, sender or "?", tenant,
                     refused.reason.value, refused.message)
+        if _raw_deferred(mail.strict):  # the raw blob of an instance mail was placed without a sync
+            self.blobs.sync([mail.sha256])
         if not mail.quarantined_before:
             gw.quarantine(self.engine, tenant, mail.sha256, refused.reason.value, self.clock(),
                           message=refused.message, sender=sender, message_id=mail.message_id)
@@ -516,7 +539,7 @@ class Inbound:
         for part in parts:
             path = self.blobs.path_of(part.blob_sha256)
             items.append(NewInstance(parse_part10(path), part.blob_sha256, path.stat().st_size))
-        # the part blobs were made durable by store_blob when they arrived: no blobs.sync needed here
+        # the part blobs were made durable before add_set_part recorded them: no blobs.sync needed here
         results = self.archive.index_batch(tenant, items, replace=False) if items else []
         for item, result in zip(items, results):
             if result.verdict not in (Verdict.STORED, Verdict.IDENTICAL):
