@@ -518,6 +518,16 @@ def claim_mails(engine: Engine, now: float, *, limit: int, lease: float,
     return [ClaimedMail(mail, jobs[mail.job_pk]) for mail in mails]
 
 
+def _sent_values(mail: Mail, now: float, size: int | None) -> dict:
+    """The column changes of a mail the SMTP server accepted: sent (if it was due), its size."""
+    values: dict = {"sent_at": mail.sent_at or now}
+    if size is not None:
+        values["size"] = size
+    if MailState(mail.state) in DUE:
+        values.update(state=MailState.SENT.value, sent_at=now, lease_until=None, last_error=None)
+    return values
+
+
 def mark_sent(engine: Engine, tenant: str, mail_pk: int, now: float, also: JobHook | None = None, *,
               size: int | None = None) -> Mail:
     """Record that the SMTP server accepted the mail (``size``: bytes of its DICOM instance); it now awaits its
@@ -526,11 +536,7 @@ def mark_sent(engine: Engine, tenant: str, mail_pk: int, now: float, also: JobHo
         mail = _mail_for_update(conn, tenant, M.c.pk == mail_pk)
         if mail is None:
             raise not_found(f"no outbound mail {mail_pk}")
-        values: dict = {"sent_at": mail.sent_at or now}
-        if size is not None:
-            values["size"] = size
-        if MailState(mail.state) in DUE:
-            values.update(state=MailState.SENT.value, sent_at=now, lease_until=None, last_error=None)
+        values = _sent_values(mail, now, size)
         conn.execute(update(M).where(M.c.pk == mail_pk).values(**values))
         _recompute(conn, mail.job_pk, now, also, moved=[(mail.state, values.get("state", mail.state))])
     return dataclasses.replace(mail, **values)
@@ -561,11 +567,7 @@ def mark_sent_many(engine: Engine, sent: Sequence[tuple[str, int, int | None]], 
                 moved[job_pk] = []
             stmt = select(M).where(M.c.pk == pk)
             mail = _mail(conn.execute(stmt.with_for_update() if conn.dialect.name == "postgresql" else stmt).one())
-            values: dict = {"sent_at": mail.sent_at or now}
-            if size is not None:
-                values["size"] = size
-            if MailState(mail.state) in DUE:
-                values.update(state=MailState.SENT.value, sent_at=now, lease_until=None, last_error=None)
+            values = _sent_values(mail, now, size)
             conn.execute(update(M).where(M.c.pk == pk).values(**values))
             moved[job_pk].append((mail.state, values.get("state", mail.state)))
         for job_pk, moves in moved.items():
