@@ -178,6 +178,15 @@ def _raw_deferred(strict: Outer | None) -> bool:
     return strict is not None and strict.kind is MailKind.ENCRYPTED
 
 
+def _dedup_id(outer: Outer | None, sha256: str, site: Site) -> str:
+    """The Message-ID a received mail is deduplicated by: its own, or, when it has none or one too long to
+    keep, one made from the raw mail's sha256 (the same mail again finds the same row)."""
+    message_id = outer.message_id if outer else None
+    if not message_id or len(message_id) > MAX_MESSAGE_ID:
+        return f"<sha256.{sha256}@{domain_of(site.address)}>"
+    return message_id
+
+
 class Inbound:
     """The gateway's receiving side for all tenants (an edge: blob store + database; sync, worker threads)."""
 
@@ -244,9 +253,7 @@ class Inbound:
         if outer is not None and outer.kind is MailKind.MDN and self._receipt_fast(site, raw, outer):
             return
         sha = self._store_raw(raw, strict)
-        message_id = outer.message_id if outer else None
-        if not message_id or len(message_id) > MAX_MESSAGE_ID:  # none, or too long to keep: dedup by content
-            message_id = f"<sha256.{sha}@{domain_of(site.address)}>"
+        message_id = _dedup_id(outer, sha, site)
         sender = _clip(outer.sender if outer else None, MAX_ADDRESS)
         state = None
         now = self.clock()
@@ -302,16 +309,8 @@ class Inbound:
             mdn = parse_mdn(raw)
         except ServerError:
             return False  # refused or not: the durable path parses again and quarantines or raises
-        spool = self.blobs.spool()
-        try:
-            spool.write(raw)
-        except BaseException:
-            spool.discard()
-            raise
-        sha = self.blobs.place(spool)  # no sync: see the trade-off above
-        message_id = outer.message_id
-        if not message_id or len(message_id) > MAX_MESSAGE_ID:
-            message_id = f"<sha256.{sha}@{domain_of(site.address)}>"
+        sha = self.blobs.put(raw, durable=False)  # no sync: see the trade-off above
+        message_id = _dedup_id(outer, sha, site)
         result = gw.record_receipt(self.engine, site.tenant, message_id, _clip(outer.sender, MAX_ADDRESS), sha,
                                    len(raw), mdn.original_message_id, mdn.outcome, mdn.disposition.value,
                                    self.clock(), policy=self.policy, rand=random.random(), also=self.also)

@@ -20,6 +20,7 @@ from server.security.tokens import Principal
 from server.store import gateway as gw
 
 router = APIRouter(prefix="/gateway", tags=["DICOM e-mail gateway"])
+MAX_UIDS = 100_000  # series or instances named in one transfer request
 POST_ACTIONS = frozenset(a.value for a in Action if a is not Action.DELETE)
 
 
@@ -42,12 +43,16 @@ class TransferRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    study: str = Field(description="Study Instance UID")
-    series: list[str] | None = Field(default=None, description="Series Instance UIDs (absent: the whole study)")
-    instances: list[str] | None = Field(default=None, description="SOP Instance UIDs (absent: whole study/series)")
-    recipient: str = Field(description="Endpoint/x, HealthcareService/x or Organization/x of the directory")
-    priority: str | None = Field(default=None, description="routine, urgent, asap or stat (stat = emergency)")
-    task: str | None = Field(default=None, description="Id of the FHIR Task mirror (absent: a new UUID)")
+    study: str = Field(max_length=64, description="Study Instance UID")
+    series: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        default=None, max_length=MAX_UIDS, description="Series Instance UIDs (absent: the whole study)")
+    instances: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        default=None, max_length=MAX_UIDS, description="SOP Instance UIDs (absent: whole study/series)")
+    recipient: str = Field(max_length=200, description="Endpoint/x, HealthcareService/x or Organization/x of the "
+                                                       "directory")
+    priority: str | None = Field(default=None, max_length=16,
+                                 description="routine, urgent, asap or stat (stat = emergency)")
+    task: str | None = Field(default=None, max_length=64, description="Id of the FHIR Task mirror (absent: a new UUID)")
 
 
 # ---- rendering -------------------------------------------------------------------------------------------------

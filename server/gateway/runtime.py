@@ -65,7 +65,10 @@ def load_mailboxes(path: Path | None, sites: Sites) -> list[Mailbox]:
         if unknown:
             raise ServerError(ErrorKind.INVALID, f"{where}: unknown keys {sorted(unknown)}")
         if "password_file" in item:
-            values["password"] = Path(item["password_file"]).read_text(encoding="utf-8").strip()
+            try:
+                values["password"] = Path(item["password_file"]).read_text(encoding="utf-8").strip()
+            except (OSError, TypeError, UnicodeDecodeError) as exc:
+                raise ServerError(ErrorKind.INVALID, f"{where}: cannot read password_file: {exc}") from exc
         values.setdefault("name", f"{tenant}-{n}")
         if values.get("ca_file"):
             values["ca_file"] = Path(values["ca_file"])

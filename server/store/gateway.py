@@ -266,13 +266,7 @@ def _mail(row) -> Mail:
 # ---- blobs ---------------------------------------------------------------------------------------------------
 def store_blob(blobs: BlobStore, data: bytes) -> str:
     """Write ``data`` durably to the blob store; returns its sha256 (content address)."""
-    spool = blobs.spool()
-    try:
-        spool.write(data)
-    except BaseException:
-        spool.discard()
-        raise
-    return blobs.commit(spool)
+    return blobs.put(data)
 
 
 # ---- jobs ----------------------------------------------------------------------------------------------------

@@ -390,3 +390,23 @@ def test_sender_hook_recreates_a_deleted_task_and_never_blocks(client, world, ap
     [again] = gw.claim_mails(engine, 200.0, limit=5, lease=60.0, message_id=_mid, also=hook)
     gw.mark_sent(engine, A, again.mail.pk, 201.0, also=hook)
     assert _code(_task(client, w, job)) == ("in-progress", "awaiting-receipts")  # caught up at the next one
+
+
+@pytest.mark.parametrize("body", [
+    {"study": "1." * 40},  # longer than a UID may be
+    {"instances": ["1.2.3"] * 100_001},  # more than one request may name
+    {"series": ["1." * 40]},
+    {"recipient": "Endpoint/" + "x" * 300},
+    {"surprise": True},  # unknown member
+    {"study": 123},
+])
+def test_malformed_transfer_requests_are_refused_and_queue_nothing(client, world, body):
+    r = _post(client, world, **body)
+    assert r.status_code in (400, 422), r.text
+    assert client.get("/gateway/jobs", headers=world["a"]).json()["total"] == 0
+
+
+def test_a_body_that_is_no_json_is_refused(client, world):
+    r = client.post("/gateway/jobs", content=b"{not json", headers={**world["a"], "Content-Type": "application/json"})
+    assert r.status_code in (400, 422)
+    assert client.get("/gateway/jobs", headers=world["a"]).json()["total"] == 0
