@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import __version__
 from server.config import Settings
 from server.dicomweb import routes as dicomweb_routes
+from server.dicomweb import render_routes, wado_uri_routes, wsi_routes
 from server.dicomweb.search import QidoService
 from server.dicomweb.status import HTTP_STATUS_BY_KIND, error_body
 from server.dicomweb.stow import StowService
@@ -125,6 +126,10 @@ def create_app(settings: Settings, *, prepared: bool = False) -> FastAPI:
     app.state.gateway = GatewayService(
         settings, engine, archive, app.state.fhir, sites,
         wake=lambda: app.state.gateway_runtime and app.state.gateway_runtime.wake(), inbound=running_inbound)
+    # the pixel services first: their paths take precedence over the archive router's catch-alls
+    app.include_router(render_routes.router)
+    app.include_router(wado_uri_routes.router)
+    app.include_router(wsi_routes.router)
     app.include_router(dicomweb_routes.router)
     app.include_router(fhir_routes.router)
     app.include_router(fhir_routes.well_known)

@@ -1,0 +1,7 @@
+"""WADO-URI (PS3.18 9; issue 6)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["DICOMweb"])
