@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -87,6 +87,26 @@ class Settings(BaseSettings):
     incomplete_set_seconds: float = Field(default=24 * 3600.0, gt=0,
                                           description="an inbound set incomplete this long is reported")
     gateway_poll_seconds: float = Field(default=1.0, gt=0, description="longest idle wait of the gateway workers")
+    deid_defaults: str = Field(
+        default="", description="send-option codes (comma-separated, e.g. 'clean-descriptors,exclude-burned-in') "
+        "applied to every anonymised teleconsult order besides its own (PS3.15 E.3 options)")
+
+    @field_validator("deid_defaults")
+    @classmethod
+    def _deid_defaults(cls, value: str) -> str:
+        """Known codes only, not both E.3.6 variants (``server.dicom.deidentify.send_option_codes``)."""
+        from server.dicom.deidentify import send_option_codes  # pydicom only when the setting is given
+        from server.errors import ServerError
+
+        try:
+            return ",".join(sorted(send_option_codes(value)))
+        except ServerError as exc:
+            raise ValueError(exc.message) from exc
+
+    @property
+    def deid_default_codes(self) -> frozenset[str]:
+        """The site's default de-identification codes (``deid_defaults``) as a set."""
+        return frozenset(c for c in self.deid_defaults.split(",") if c)
 
     @property
     def resolved_database_url(self) -> str:

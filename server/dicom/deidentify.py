@@ -59,7 +59,10 @@ from pydicom.sequence import Sequence
 from server.errors import ErrorKind, ServerError
 
 __all__ = [
+    "DEID_CODES",
+    "EXCLUDE_BURNED_IN",
     "METHOD_CODES",
+    "OPTION_CODES",
     "Deidentified",
     "Options",
     "PatientLink",
@@ -68,10 +71,13 @@ __all__ = [
     "Pseudonymizer",
     "Rule",
     "effective_action",
+    "has_burned_in_annotation",
     "load_profile",
+    "options_from_codes",
     "parse_profile",
     "relink",
     "rule_for",
+    "send_option_codes",
 ]
 
 PROFILE_RESOURCE = "data/confidentiality_profile.json"
@@ -259,6 +265,52 @@ class Options:
             "retain_institution_identity": self.retain_institution_identity,
             "retain_uids": self.retain_uids,
         }
+
+
+#: The send-option codes (CodeSystem send-option) of the PS3.15 E.3 options and the :class:`Options` field and
+#: value each sets: E.3.5 Clean Descriptors, E.3.6 Retain Longitudinal Temporal Information (Full Dates,
+#: Modified Dates: the shift derived from the secret), E.3.7 Patient Characteristics, E.3.8 Device Identity,
+#: E.3.12 Institution Identity.
+OPTION_CODES: Mapping[str, tuple[str, Any]] = MappingProxyType(
+    {
+        "clean-descriptors": ("clean_descriptors", True),
+        "retain-longitudinal-full-dates": ("retain_longitudinal", "full"),
+        "retain-longitudinal-modified-dates": ("retain_longitudinal", "modified"),
+        "retain-patient-characteristics": ("retain_patient_characteristics", True),
+        "retain-device-identity": ("retain_device_identity", True),
+        "retain-institution-identity": ("retain_institution_identity", True),
+    }
+)
+#: Send-option code: instances whose pixel data may carry burned-in identity are not sent (PS3.15 E.3.1 Clean
+#: Pixel Data is not done; :func:`has_burned_in_annotation`).
+EXCLUDE_BURNED_IN = "exclude-burned-in"
+#: Every send-option code that refines an anonymised send.
+DEID_CODES = frozenset({*OPTION_CODES, EXCLUDE_BURNED_IN})
+
+
+def options_from_codes(codes: Iterable[str]) -> Options:
+    """The :class:`Options` of send-option codes (:data:`OPTION_CODES`; other codes are ignored). Both
+    variants of E.3.6 Retain Longitudinal Temporal Information are INVALID (PS3.15 E.3.6: one or the other)."""
+    values: dict[str, Any] = {}
+    for code in sorted(set(codes) & OPTION_CODES.keys()):
+        name, value = OPTION_CODES[code]
+        if values.get(name, value) != value:
+            raise ServerError(ErrorKind.INVALID, "retain-longitudinal-full-dates and "
+                              "retain-longitudinal-modified-dates exclude each other (PS3.15 E.3.6)")
+        values[name] = value
+    return Options(**values)
+
+
+def send_option_codes(spec: str | None) -> frozenset[str]:
+    """The de-identification codes of a comma-separated list (e.g. a site's defaults); INVALID for a code that
+    is not one of :data:`DEID_CODES` or for both E.3.6 variants."""
+    codes = frozenset(c for c in (s.strip() for s in (spec or "").split(",")) if c)
+    unknown = sorted(codes - DEID_CODES)
+    if unknown:
+        raise ServerError(ErrorKind.INVALID, f"unknown de-identification option {', '.join(unknown)} (one of "
+                          f"{', '.join(sorted(DEID_CODES))})")
+    options_from_codes(codes)
+    return codes
 
 
 def effective_action(rule: Rule, columns: Iterable[str]) -> str:
@@ -596,10 +648,16 @@ def _scrub(text: str, needles: tuple[str, ...]) -> str:
 
 def _burned_in(ds: Dataset) -> bool:
     """Whether the pixel data may carry burned-in identity (PS3.3 C.7.6.1 General Image; SC: PS3.3 A.8)."""
-    value = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
-    if value:
-        return value == "YES"
-    return str(ds.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE_PREFIX)
+    return has_burned_in_annotation(ds.get("BurnedInAnnotation"), str(ds.get("SOPClassUID", "")))
+
+
+def has_burned_in_annotation(value: Any, sop_class_uid: str) -> bool:
+    """Whether an instance's pixel data may carry burned-in identity: Burned In Annotation (0028,0301) YES, or
+    none on a Secondary Capture instance (PS3.3 C.7.6.1 General Image Module; PS3.3 A.8 SC Image IODs)."""
+    text = str(value or "").strip().upper()
+    if text:
+        return text == "YES"
+    return str(sop_class_uid).startswith(SECONDARY_CAPTURE_PREFIX)
 
 
 # ---------------------------------------------------------------------------------------------- relink
