@@ -241,9 +241,8 @@ def parse_query(
             continue
         attribute = _match_attribute(key, level)
         if attribute.tag in seen_tags:
-            raise invalid(
-                f"Matching key {key} is given more than once (also as {seen_tags[attribute.tag]})", parameter=key
-            )
+            raw = _repeat_uid_key(raw, key, attribute, value, seen_tags[attribute.tag])
+            continue
         seen_tags[attribute.tag] = key
         raw.append((key, attribute, value))
 
@@ -272,6 +271,18 @@ def parse_query(
         ),
         warnings,
     )
+
+
+def _repeat_uid_key(raw: list[tuple[str, IndexedAttribute, str]], key: str, attribute: IndexedAttribute,
+                    value: str, first: str) -> list[tuple[str, IndexedAttribute, str]]:
+    """A UID key given again adds its values to the UID list (``k=a&k=b`` as ``k=a,b``, PS3.18 8.3.4.1).
+
+    dicomweb-client (and so wsidicom) sends a list of UIDs that way; any other key given twice is INVALID.
+    """
+    if attribute.kind is not Kind.UID or not value.strip() or any(
+            a.tag == attribute.tag and not v.strip() for _, a, v in raw):
+        raise invalid(f"Matching key {key} is given more than once (also as {first})", parameter=key)
+    return [(k, a, f"{v},{value}" if a.tag == attribute.tag else v) for k, a, v in raw]
 
 
 def _non_negative(key: str, value: str) -> int:
