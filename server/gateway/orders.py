@@ -43,6 +43,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.config import Settings
+from server.dicom.deidentify import DEID_CODES, EXCLUDE_BURNED_IN, OPTION_CODES, has_burned_in_annotation, \
+    options_from_codes
 from server.dicom.deidentify import Options as DeidOptions
 from server.dicom.encapsulate import MAX_TITLE, encapsulated_pdf, pdf_from_fhir_attachment, study_context_from
 from server.dicom.kos import InstanceRef, is_key_object, key_object_references, select_key_images
@@ -82,7 +84,10 @@ ORDER_INTENTS = frozenset({"order", "original-order"})
 #: consult kinds that are no transfer of a study of ours (a priors request asks the other site to send).
 NOT_TRANSFERS = frozenset({"prior-request"})
 KEY_IMAGES, ANONYMISED, WITH_REPORT, SHORT_NOTE = "key-images-only", "anonymised", "with-report", "short-note"
-SEND_OPTIONS = frozenset({KEY_IMAGES, ANONYMISED, WITH_REPORT, SHORT_NOTE})
+SEND_OPTIONS = frozenset({KEY_IMAGES, ANONYMISED, WITH_REPORT, SHORT_NOTE, *DEID_CODES})
+#: the two E.3.6 codes (Retain Longitudinal Temporal Information: Full Dates, Modified Dates): one or the other.
+LONGITUDINAL = frozenset(c for c, (field, _) in OPTION_CODES.items() if field == "retain_longitudinal")
+BURNED_IN_TAG = "00280301"  # Burned In Annotation (PS3.3 C.7.6.1), as a DICOM JSON key (PS3.18 F.2)
 #: DRG profile versions whose receivers take non-DICOM parts beside the DICOM one (note, order.json).
 EXTRA_PARTS_VERSIONS = frozenset({"1.6", "1.7"})
 #: SOP Classes of reports sent with ``with-report`` (PS3.4 B.5: SR documents 1.2.840.10008.5.1.4.1.1.88.x,
@@ -106,6 +111,29 @@ class Order:
     priority: str
     note: str | None
     report: str | None = None  # id of a DiagnosticReport to send as an Encapsulated PDF (with-report)
+    deid: DeidOptions | None = None  # anonymised: the PS3.15 Annex E options (order's codes + site defaults)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What an order sends of its present study: the SOP Instance UIDs, and for an anonymised order how many of
+    ``total`` carry burned-in annotation (left out when ``excluded``, i.e. with exclude-burned-in)."""
+
+    instances: frozenset[str]
+    total: int
+    burned_in: int = 0
+    excluded: bool = False
+
+    @property
+    def note(self) -> str | None:
+        """The German note for the clinician on the order Task (PS3.15 E.1: pixel data is not de-identified)."""
+        if not self.burned_in:
+            return None
+        verb = "hat" if self.burned_in == 1 else "haben"
+        head = f"{self.burned_in} von {self.total} Bildern {verb} eingebrannte Beschriftung (Burned In Annotation)"
+        if self.excluded:
+            return f"Hinweis: {head} und {'wird' if self.burned_in == 1 else 'werden'} nicht gesendet."
+        return f"Achtung: {head}; die Pixeldaten werden nicht anonymisiert."
 
 
 def _issue(code: str, message: str, expression: str) -> dict:
@@ -147,8 +175,9 @@ def _study_of(ref: dict) -> tuple[str | None, bool]:
     return None, False
 
 
-def parse_order(sr: dict) -> Order:
-    """The order of a teleconsult ServiceRequest; ``Unprocessable`` naming the element at fault."""
+def parse_order(sr: dict, defaults: frozenset[str] = frozenset()) -> Order:
+    """The order of a teleconsult ServiceRequest; ``Unprocessable`` naming the element at fault. ``defaults``:
+    the site's de-identification codes (``Settings.deid_default_codes``), added to every anonymised order's."""
     issues = []
     performers = []
     for i, p in enumerate(sr.get("performer") or ()):
@@ -172,11 +201,14 @@ def parse_order(sr: dict) -> Order:
         issues.append(_issue("required", "supportingInfo must name exactly one ImagingStudy (a reference, or an "
                              "identifier urn:dicom:uid | urn:oid:<Study Instance UID>)",
                              "ServiceRequest.supportingInfo"))
-    options = set()
+    codes: dict[str, int] = {}  # send-option code -> index of its first orderDetail
     for i, detail in enumerate(sr.get("orderDetail") or ()):
         for coding in (detail or {}).get("coding") or ():
             if coding.get("system") == SEND_OPTION_SYSTEM and coding.get("code") in SEND_OPTIONS:
-                options.add(coding["code"])
+                codes.setdefault(coding["code"], i)
+    deid_codes, deid, deid_issues = _deidentification(codes, defaults)
+    issues += deid_issues
+    options = set(codes) | deid_codes
     texts = [n.get("text") for n in sr.get("note") or () if isinstance(n, dict) and n.get("text")]
     note = "\n\n".join(texts) if texts else None
     if note is not None and len(note) > MAX_NOTE:
@@ -196,7 +228,39 @@ def parse_order(sr: dict) -> Order:
     if issues:
         raise Unprocessable(issues)
     return Order(sr["id"], tuple(performers), studies[0], frozenset(options), sr.get("priority") or "routine",
-                 note, report)
+                 note, report, deid)
+
+
+def _deidentification(codes: dict[str, int], defaults: frozenset[str]) \
+        -> tuple[frozenset[str], DeidOptions | None, list[dict]]:
+    """(de-identification codes in effect, their PS3.15 Annex E options or None when not anonymised, issues) of an
+    order's send-option ``codes`` (code -> orderDetail index). The E.3 codes and exclude-burned-in refine
+    ``anonymised`` and need it; Full and Modified Dates exclude each other (E.3.6). The site's ``defaults`` apply
+    to every anonymised order; an order's own E.3.6 choice replaces the default's."""
+    own = {c: i for c, i in codes.items() if c in DEID_CODES}
+    if ANONYMISED not in codes:
+        return frozenset(), None, [
+            _issue("business-rule", f"the send option {c} refines anonymised and is valid only with it",
+                   f"ServiceRequest.orderDetail[{i}]") for c, i in sorted(own.items(), key=lambda x: x[1])]
+    dates = sorted(own[c] for c in own.keys() & LONGITUDINAL)
+    if len(dates) > 1:
+        return frozenset(), None, [_issue(
+            "business-rule", "retain-longitudinal-full-dates and retain-longitudinal-modified-dates exclude each "
+            "other (DICOM PS3.15 E.3.6)", f"ServiceRequest.orderDetail[{dates[-1]}]")]
+    effective = frozenset(own) | (defaults - LONGITUDINAL if dates else defaults)
+    return effective, options_from_codes(effective), []
+
+
+def _burned_in_annotation(meta: str | None) -> str | None:
+    """Burned In Annotation (0028,0301) of an instance from its stored metadata (the whole top-level data set as
+    DICOM JSON, PS3.18 F.2; ``server.dicom.parse``), None when absent."""
+    if not meta or f'"{BURNED_IN_TAG}"' not in meta:
+        return None
+    try:
+        values = (json.loads(meta).get(BURNED_IN_TAG) or {}).get("Value") or [None]
+    except (ValueError, AttributeError):
+        return None
+    return values[0] if isinstance(values[0], str) else None
 
 
 def order_part(service_request: dict, *, site_address: str) -> Part:
@@ -244,8 +308,9 @@ def order_task_id(tenant: str, sr_id: str, index: int) -> str:
     return str(uuid.uuid5(TASK_NAMESPACE, f"{tenant}/{sr_id}/{index}"))
 
 
-def order_task(sr: dict, performer: str, business_status: str, now: float) -> dict:
-    """The order's Task for one performer (teleconsult-task), created ``requested``."""
+def order_task(sr: dict, performer: str, business_status: str, now: float, note: str | None = None) -> dict:
+    """The order's Task for one performer (teleconsult-task), created ``requested``; ``note``: a note for the
+    clinician (burned-in annotation of an anonymised order, ``Selection.note``)."""
     task: dict = {
         "resourceType": "Task",
         "meta": {"profile": [ORDER_TASK_PROFILE]},
@@ -266,6 +331,8 @@ def order_task(sr: dict, performer: str, business_status: str, now: float) -> di
         task["for"] = subject
     if isinstance(sr.get("requester"), dict):
         task["requester"] = sr["requester"]
+    if note:
+        task["note"] = [{"time": instant(now), "text": note}]
     return task
 
 
@@ -324,7 +391,7 @@ class OrderListener:
     def order(self, tx: FhirTx, sr: dict) -> list[str]:
         """Check the order, write its Tasks and (study present) its jobs; returns the order Task ids."""
         tenant = tx.tenant
-        order = parse_order(sr)
+        order = parse_order(sr, self.settings.deid_default_codes)
         try:
             site = self.sites.of_tenant(tenant)
         except ServerError as exc:
@@ -333,9 +400,9 @@ class OrderListener:
         targets = [self._recipient(tenant, ref, order, f"ServiceRequest.performer[{i}]")
                    for i, ref in enumerate(order.performers)]
         present = self._present(tenant, order.study_uid)
-        report = None
+        report = selection = None
         if present:
-            self._check_study(tenant, order)
+            selection = self._check_study(tenant, order)
             report = self._report(tx, tenant, order)
         elif order.report is not None:
             self._report_pdf(tx, order)  # a bad report is refused now, not when the study arrives
@@ -343,10 +410,11 @@ class OrderListener:
         ids = []
         for i, (ref, target) in enumerate(zip(order.performers, targets)):
             task_id = order_task_id(tenant, order.id, i)
-            task = order_task(sr, ref, QUEUED if present else AWAITING_STUDY, now)
+            task = order_task(sr, ref, QUEUED if present else AWAITING_STUDY, now,
+                              selection.note if selection is not None else None)
             self.fhir.create_in(tx, system_principal(tenant), task, base="/fhir", new_id=task_id)
             if present:
-                self._start(tx, sr, order, target, task_id, site.address, report)
+                self._start(tx, sr, order, target, task_id, site.address, report, selection)
             ids.append(task_id)
         return ids
 
@@ -402,29 +470,39 @@ class OrderListener:
         study = self.index.study(tenant, study_uid)
         return study is not None and bool(study.number_of_instances)
 
-    def _check_study(self, tenant: str, order: Order) -> None:
-        """Refuse options the present study cannot satisfy (key images only without a KOS)."""
-        if KEY_IMAGES in order.options:
-            self._pick(tenant, order.study_uid, order.options)(None)
+    def _check_study(self, tenant: str, order: Order) -> Selection:
+        """What the present study sends with the order's options; refuses what it cannot satisfy (key images only
+        without a KOS, exclude-burned-in with every instance flagged). An anonymised order counts the instances
+        with burned-in annotation, whose pixel data PS3.15 E.1 leaves as it is (Clean Pixel Data is not done)."""
+        rows = self.archive.instances(tenant, order.study_uid, with_meta=order.deid is not None)
+        chosen = self._pick(rows, order.options)
+        if order.deid is None:
+            return Selection(frozenset(chosen), len(chosen))
+        flagged = [uid for uid, meta, sop_class in ((r.sop_uid, r.meta, r.sop_class_uid) for r in rows)
+                   if uid in chosen and has_burned_in_annotation(_burned_in_annotation(meta), sop_class)]
+        if EXCLUDE_BURNED_IN not in order.options:
+            return Selection(frozenset(chosen), len(chosen), len(flagged))
+        rest = frozenset(chosen) - set(flagged)
+        if not rest:
+            raise _refuse("value", f"all {len(chosen)} instances to send of study {order.study_uid} may carry "
+                          "burned-in annotation: with exclude-burned-in nothing is left to send",
+                          "ServiceRequest.orderDetail")
+        return Selection(rest, len(chosen), len(flagged), excluded=True)
 
-    def _pick(self, tenant: str, study_uid: str, options: frozenset[str]):
-        """The ``pick`` of ``new_job`` for the options: key images (+ reports with with-report); None = all."""
+    def _pick(self, rows: list, options: frozenset[str]) -> list[str]:
+        """The SOP Instance UIDs of the study's ``rows`` the options send: all, or with key-images-only the Key
+        Object Selection documents and the instances they select (+ the reports with with-report)."""
         if KEY_IMAGES not in options:
-            return None
-
-        def pick(instances: list[str] | None) -> list[str]:
-            rows = self.archive.instances(tenant, study_uid)
-            refs = [InstanceRef.from_row(r) for r in rows]
-            kos = [key_object_references(self._blob(r.blob)) for r in rows if is_key_object(r.sop_class_uid)]
-            try:
-                chosen = {i.sop_uid for i in select_key_images(refs, kos).instances}
-            except ServerError as exc:
-                raise _refuse("value", exc.message, "ServiceRequest.orderDetail") from exc
-            if WITH_REPORT in options:
-                chosen |= {r.sop_uid for r in rows if r.sop_class_uid.startswith(REPORT_SOP_PREFIXES)}
-            order = instances if instances is not None else [r.sop_uid for r in rows]
-            return [uid for uid in order if uid in chosen]
-        return pick
+            return [r.sop_uid for r in rows]
+        refs = [InstanceRef.from_row(r) for r in rows]
+        kos = [key_object_references(self._blob(r.blob)) for r in rows if is_key_object(r.sop_class_uid)]
+        try:
+            chosen = {i.sop_uid for i in select_key_images(refs, kos).instances}
+        except ServerError as exc:
+            raise _refuse("value", exc.message, "ServiceRequest.orderDetail") from exc
+        if WITH_REPORT in options:
+            chosen |= {r.sop_uid for r in rows if r.sop_class_uid.startswith(REPORT_SOP_PREFIXES)}
+        return [r.sop_uid for r in rows if r.sop_uid in chosen]
 
     def _blob(self, digest: str) -> bytes:
         try:
@@ -434,17 +512,18 @@ class OrderListener:
                 from exc
 
     def _start(self, tx: FhirTx, sr: dict, order: Order, target: Recipient, task_id: str, address: str,
-               report: tuple[str, str] | None = None) -> gw.Job:
+               report: tuple[str, str] | None = None, selection: Selection | None = None) -> gw.Job:
         """The transfer job of one performer, in ``tx``; its Task mirror moves the order Task. ``report``: the
-        (SOP Instance UID, blob) of the Encapsulated PDF to send last."""
+        (SOP Instance UID, blob) of the Encapsulated PDF to send last; ``selection``: what ``_check_study`` chose
+        (None: chosen now). An anonymised job keeps a random secret and the Annex E options (never sent)."""
         tenant = tx.tenant
         extra_parts = target.drg_profile_version in EXTRA_PARTS_VERSIONS
-        anonymised = ANONYMISED in order.options
-        picked = self._pick(tenant, order.study_uid, order.options)
+        anonymised = order.deid is not None
+        chosen = (selection or self._check_study(tenant, order)).instances
 
         def pick(instances: list[str]) -> list[str]:
-            chosen = picked(instances) if picked is not None else instances
-            return [*chosen, report[0]] if report is not None else chosen
+            kept = [uid for uid in instances if uid in chosen]
+            return [*kept, report[0]] if report is not None else kept
         new = new_job(
             self.index, self.fhir, self.sites, tenant, study_uid=order.study_uid, recipient=target,
             priority=int(priority_of(order.priority)), pick=pick, report_blob=report[1] if report else None,
@@ -454,7 +533,7 @@ class OrderListener:
             order_json=order_part(_with_requester_name(tx, sr), site_address=address).data.decode("utf-8")
             if extra_parts else None,
             deid_secret=secrets.token_hex(32) if anonymised else None,
-            deid_options=json.dumps(DeidOptions().to_json()) if anonymised else None)
+            deid_options=json.dumps(order.deid.to_json()) if anonymised else None)
         if not new.instances:
             raise _refuse("value", f"study {order.study_uid} has nothing to send with these options",
                           "ServiceRequest.orderDetail")
@@ -490,6 +569,14 @@ class OrderListener:
                 started += self._start_waiting(tenant, task, sr, order, site.address)
         return started
 
+    def _noted(self, tx: FhirTx, task: dict, text: str) -> None:
+        """The order Task ``task`` with ``text`` added to its notes, in ``tx``."""
+        new = {k: v for k, v in task.items() if k != "meta"}
+        new["meta"] = {"profile": (task.get("meta") or {}).get("profile", [ORDER_TASK_PROFILE])}
+        now = instant(self.clock())
+        new.update(note=[*(task.get("note") or []), {"time": now, "text": text}], lastModified=now)
+        self.fhir.update_in(tx, system_principal(tx.tenant), new, None, "/fhir")
+
     def _start_waiting(self, tenant: str, task: dict, sr: dict, order: Order, address: str) -> int:
         principal = system_principal(tenant)
         owner = (task.get("owner") or {}).get("reference", "")
@@ -500,9 +587,12 @@ class OrderListener:
                 codes = [c.get("code") for c in ((now or {}).get("businessStatus") or {}).get("coding", [])]
                 if now is None or now.get("status") != "requested" or AWAITING_STUDY not in codes:
                     return 0  # another worker started it, or the EHR changed it
+                order = parse_order(sr, self.settings.deid_default_codes)  # the site's defaults of today
                 target = self._recipient(tenant, owner, order, "Task.owner")
-                self._check_study(tenant, order)
-                self._start(tx, sr, order, target, task["id"], address, self._report(tx, tenant, order))
+                selection = self._check_study(tenant, order)
+                if selection.note:
+                    self._noted(tx, now, selection.note)
+                self._start(tx, sr, order, target, task["id"], address, self._report(tx, tenant, order), selection)
             log.info("tenant %s: order ServiceRequest/%s: study %s arrived, transfer to %s queued", tenant,
                      order.id, order.study_uid, owner)
             return 1
