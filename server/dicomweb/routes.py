@@ -10,6 +10,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from server.dicom import json as dicom_json
 from server.dicom.attributes import Level
+from server.dicomweb.frames import Body
 from server.dicomweb.media import accepts, parse_accept
 from server.dicomweb.search import QidoService
 from server.dicomweb.stow import StowService
@@ -217,10 +218,26 @@ async def _not_yet(principal: Principal, wado: WadoService, target: Target, what
     raise ServerError(ErrorKind.NOT_ACCEPTABLE, f"{what} {NOT_YET}")
 
 
-@router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
-            description="Frames (PS3.18 10.4.1.1.6): not yet, 406.")
-async def frames(study: str, series: str, instance: str, frames: str, principal: Reader, wado: Wado) -> Response:
-    return await _not_yet(principal, wado, Target(Level.INSTANCE, study, series, instance), "frame retrieval")
+FRAMES_DOC = {"description": "Frames (PS3.18 10.4.1.1.6): multipart/related with type application/octet-stream "
+                              "(native), image/jpeg, image/jls, image/jp2, image/jphc, image/dicom-rle or */*; "
+                              "transfer-syntax=* is the stored syntax. Range on a single frame: 206/416. "
+                              "406 for what cannot be produced."}
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}", **FRAMES_DOC)
+async def frames(study: str, series: str, instance: str, frames: str, request: Request, principal: Reader,
+                 wado: Wado) -> Response:
+    body = await wado.frames.frames(principal.tenant, study, series, instance, frames,
+                                    request.headers.get("accept"), request.headers.get("range"))
+    return _body(body)
+
+
+def _body(body: Body) -> Response:
+    """A frames/bulk Body as a response: streamed multipart or a single payload."""
+    if body.chunks is not None:
+        return StreamingResponse(body.chunks, status_code=body.status, media_type=body.media_type,
+                                 headers=body.headers)
+    return Response(body.content, status_code=body.status, media_type=body.media_type, headers=body.headers)
 
 
 def _not_yet_endpoint(level: Level, what: str):

@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 
 from server.dicom.attributes import Level
+from server.dicomweb.frames import FrameService
 from server.dicomweb.media import AcceptItem, accepts, parse_accept
 from server.dicomweb.multipart import amultipart_chunks, new_boundary
 from server.errors import ErrorKind, ServerError
@@ -83,6 +84,7 @@ class WadoService:
     def __init__(self, blobs: BlobStore, archive: Archive) -> None:
         self.blobs = blobs
         self.archive = archive
+        self.frames = FrameService(blobs, archive)
 
     async def retrieve(self, tenant: str, target: Target, accept: str | None) -> Streamed:
         """Instances of a study, series or one instance as multipart/related (PS3.18 10.4.1.1.1)."""
