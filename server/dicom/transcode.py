@@ -126,7 +126,7 @@ def decode_frame(data: bytes, ts: str, desc: PixelDescription) -> Frame:
             bits_allocated=desc.bits_allocated, bits_stored=desc.bits_stored,
             pixel_representation=desc.pixel_representation, number_of_frames=1,
             photometric_interpretation=desc.photometric_interpretation,
-            planar_configuration=desc.planar_configuration)
+            planar_configuration=desc.planar_configuration, pixel_keyword="PixelData")
     except Exception as exc:  # pydicom and its plugins raise many types for corrupt codestreams
         raise ServerError(ErrorKind.INTERNAL, f"frame of {_name(ts)} could not be decoded") from exc
     pi = str(meta.get("photometric_interpretation", desc.photometric_interpretation))
