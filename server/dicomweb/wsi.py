@@ -1,0 +1,176 @@
+"""Whole-slide tiles for web viewers: a tile of a pyramid level as its stored bytes (issue 6).
+
+The pyramid of a series (``server.dicom.wsi.describe``) is built once from the instances' precomputed DICOM
+JSON and kept in an LRU keyed by tenant, study and series, checked against the series' revision on every
+request (one indexed read). A tile is the stored frame (PS3.5 A.4 fragments, never decoded) cut by the
+frames service's frame index, answered with the image media type of its transfer syntax (PS3.18 Table
+8.7.3-5), a strong ETag from the blob's content address and the frame number, and immutable caching.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from server.dicom.attributes import Level
+from server.dicom.wsi import Pyramid, TiledImage, describe
+from server.dicomweb.frames import FrameService, media_of
+from server.errors import ErrorKind, ServerError
+from server.store.archive import Archive
+
+CACHE_SIZE = 256
+IMMUTABLE = "private, max-age=31536000, immutable"
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """What the frames service needs of an instance row to cut its frames."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    transfer_syntax_uid: str
+    blob: str
+    bulk: str
+
+
+@dataclass(frozen=True)
+class SlideEntry:
+    """A series' pyramid and its instances, valid for one revision of the series."""
+
+    revision: str
+    pyramid: Pyramid
+    instances: dict[str, InstanceRef]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A tile answer: bytes (None when the client's ETag matches: 304), media type and ETag."""
+
+    content: bytes | None
+    media_type: str
+    etag: str
+
+
+class SlideCache:
+    """A thread-safe LRU of SlideEntry by (tenant, study, series)."""
+
+    def __init__(self, size: int = CACHE_SIZE) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[str, str, str], SlideEntry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, str], revision: str) -> SlideEntry | None:
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is None or entry.revision != revision:
+                return None
+            self._items.move_to_end(key)
+            return entry
+
+    def put(self, key: tuple[str, str, str], entry: SlideEntry) -> None:
+        with self._lock:
+            self._items[key] = entry
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 13.1.2: ``*`` or any listed (weak-compared) entity tag."""
+    if not if_none_match:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+class WsiService:
+    """Pyramids and tiles of whole-slide series, for one tenant at a time."""
+
+    def __init__(self, archive: Archive, frames: FrameService, cache_size: int = CACHE_SIZE) -> None:
+        self.archive = archive
+        self.frames = frames
+        self.cache = SlideCache(cache_size)
+
+    async def tile(self, tenant: str, study: str, series: str, level: int, col: int, row: int,
+                   if_none_match: str | None) -> Tile:
+        """The stored bytes of tile (col, row) of a level (0 = highest resolution); NOT_FOUND outside the grid."""
+        return await anyio.to_thread.run_sync(self._tile, tenant, study, series, level, col, row, if_none_match)
+
+    async def associated(self, tenant: str, study: str, series: str, kind: str, if_none_match: str | None) -> Tile:
+        """The single-frame LABEL, OVERVIEW or THUMBNAIL image of the slide as stored (PS3.3 C.8.12.4.1.1)."""
+        return await anyio.to_thread.run_sync(self._associated, tenant, study, series, kind, if_none_match)
+
+    async def pyramid(self, tenant: str, study: str, series: str) -> dict[str, Any]:
+        """A JSON description of the pyramid: levels with sizes, tile grids and media types; associated images."""
+        entry = await anyio.to_thread.run_sync(self._entry, tenant, study, series)
+        p = entry.pyramid
+        return {"studyInstanceUID": study, "seriesInstanceUID": series,
+                "levels": [dict(level=i, **_image_json(image)) for i, image in enumerate(p.levels)],
+                "labels": [_image_json(i) for i in p.labels], "overviews": [_image_json(i) for i in p.overviews],
+                "thumbnails": [_image_json(i) for i in p.thumbnails]}
+
+    def _tile(self, tenant: str, study: str, series: str, level: int, col: int, row: int,
+              if_none_match: str | None) -> Tile:
+        entry = self._entry(tenant, study, series)
+        image, number = entry.pyramid.tile(level, col, row)
+        return self._frame(tenant, entry, image, number, if_none_match)
+
+    def _associated(self, tenant: str, study: str, series: str, kind: str, if_none_match: str | None) -> Tile:
+        entry = self._entry(tenant, study, series)
+        images = {"label": entry.pyramid.labels, "overview": entry.pyramid.overviews,
+                  "thumbnail": entry.pyramid.thumbnails}[kind]
+        single = [i for i in images if i.number_of_frames == 1]
+        if not single:
+            raise ServerError(ErrorKind.NOT_FOUND, f"the slide has no single-frame {kind} image")
+        return self._frame(tenant, entry, single[0], 1, if_none_match)
+
+    def _frame(self, tenant: str, entry: SlideEntry, image: TiledImage, number: int,
+               if_none_match: str | None) -> Tile:
+        """Frame ``number`` of the image in its stored syntax, cut by the frames service (no decoding)."""
+        ref = entry.instances[image.sop_uid]
+        etag = f'"{ref.blob[:40]}.{number}"'
+        media_type = media_of(ref.transfer_syntax_uid)
+        if _etag_matches(if_none_match, etag):
+            return Tile(None, media_type, etag)
+        index = self.frames.frame_index(tenant, ref)
+        if not 1 <= number <= len(index.spans):
+            raise ServerError(ErrorKind.NOT_FOUND, f"frame {number} of the tile is not in the stored pixel data")
+        [content] = self.frames._read(ref.blob, index, [number], index.transfer_syntax)  # noqa: SLF001
+        return Tile(content, media_type, etag)
+
+    def _entry(self, tenant: str, study: str, series: str) -> SlideEntry:
+        """The series' pyramid from the LRU, rebuilt when the series changed since; NOT_FOUND if absent."""
+        revision = self.archive.revision(tenant, Level.SERIES, study, series)
+        if revision is None:
+            raise ServerError(ErrorKind.NOT_FOUND, "series not found")
+        key = (tenant, study, series)
+        entry = self.cache.get(key, revision)
+        if entry is None:
+            entry = self._build(tenant, study, series, revision)
+            self.cache.put(key, entry)
+        return entry
+
+    def _build(self, tenant: str, study: str, series: str, revision: str) -> SlideEntry:
+        rows = self.archive.instances(tenant, study, series, with_meta=True)
+        pyramid = describe((r.sop_uid, r.transfer_syntax_uid, json.loads(r.meta)) for r in rows)
+        used = {i.sop_uid for i in (*pyramid.levels, *pyramid.labels, *pyramid.overviews, *pyramid.thumbnails)}
+        refs = {r.sop_uid: InstanceRef(r.study_uid, r.series_uid, r.sop_uid, r.transfer_syntax_uid, r.blob, r.bulk)
+                for r in rows if r.sop_uid in used}
+        return SlideEntry(revision, pyramid, refs)
+
+
+def _image_json(image: TiledImage) -> dict[str, Any]:
+    return {"sopInstanceUID": image.sop_uid, "width": image.total_columns, "height": image.total_rows,
+            "tileWidth": image.tile_columns, "tileHeight": image.tile_rows, "columns": image.tiles_across,
+            "rows": image.tiles_down, "sparse": not image.full, "frames": image.number_of_frames,
+            "transferSyntaxUID": image.transfer_syntax_uid, "mediaType": media_of(image.transfer_syntax_uid),
+            "pixelSpacingMm": list(image.pixel_spacing) if image.pixel_spacing else None}
+
+
+__all__ = ["IMMUTABLE", "Tile", "WsiService"]

@@ -1,0 +1,103 @@
+"""The tile endpoint and pyramid description on the app in-process (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.uid import JPEG2000Lossless
+
+from tests.conftest import auth, make_token
+from tests.dicomdata import make_instance, multipart
+from tests.wsidata import make_slide
+
+
+def _store(client, headers, files: list[bytes]) -> None:
+    body, ctype = multipart(files)
+    r = client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype, **headers})
+    assert r.status_code == 200, r.text
+
+
+@pytest.fixture
+def headers(settings):
+    return auth(make_token(settings))
+
+
+def _tiles(slide) -> str:
+    return f"/dicomweb/studies/{slide.study_uid}/series/{slide.series_uid}/tiles"
+
+
+@pytest.mark.parametrize("variant", [{}, {"sparse": True}, {"transfer_syntax": JPEG2000Lossless}],
+                         ids=["tiled-full-jpeg", "tiled-sparse-jpeg", "tiled-full-j2k"])
+def test_every_tile_is_served_byte_exact_with_its_media_type(client, headers, variant):
+    slide = make_slide(**variant)
+    _store(client, headers, list(slide.files.values()))
+    media = "image/jp2" if variant.get("transfer_syntax") else "image/jpeg"
+    for level, tiles in enumerate(slide.tiles):
+        for (col, row), data in tiles.items():
+            r = client.get(f"{_tiles(slide)}/{level}/{col}/{row}", headers=headers)
+            assert r.status_code == 200, (level, col, row, r.text)
+            assert r.content == data, (level, col, row)
+            assert r.headers["content-type"] == media
+            assert "immutable" in r.headers["cache-control"]
+
+
+def test_outside_the_grid_missing_sparse_tiles_and_unknown_series_are_404(client, headers):
+    slide = make_slide(sparse=True)
+    _store(client, headers, list(slide.files.values()))
+    for level, col, row in [(0, 4, 0), (0, 0, 3), (0, -1, 0), (1, 2, 2), (3, 0, 0), (-1, 0, 0),
+                            (0, 3, 2)]:  # (0, 3, 2): inside the grid, left out of the sparse level
+        r = client.get(f"{_tiles(slide)}/{level}/{col}/{row}", headers=headers)
+        assert r.status_code == 404, (level, col, row)
+        assert r.json()["00000902"]["Value"][0]
+    r = client.get(f"/dicomweb/studies/{slide.study_uid}/series/1.2.3/tiles/0/0/0", headers=headers)
+    assert r.status_code == 404
+
+
+def test_a_series_without_slides_is_404_and_tenants_do_not_see_each_other(client, headers, settings):
+    ct = make_instance(study="1.2.826.0.9.70", series="1.2.826.0.9.71")
+    _store(client, headers, [ct])
+    r = client.get("/dicomweb/studies/1.2.826.0.9.70/series/1.2.826.0.9.71/tiles/0/0/0", headers=headers)
+    assert r.status_code == 404
+    slide = make_slide(levels=1, width=256, height=256)
+    _store(client, headers, list(slide.files.values()))
+    other = auth(make_token(settings, tenant="site-b"))
+    assert client.get(f"{_tiles(slide)}/0/0/0", headers=other).status_code == 404
+    assert client.get(f"{_tiles(slide)}/0/0/0").status_code == 401
+
+
+def test_etag_and_if_none_match(client, headers):
+    slide = make_slide(levels=1, width=512, height=256)
+    _store(client, headers, list(slide.files.values()))
+    first = client.get(f"{_tiles(slide)}/0/1/0", headers=headers)
+    etag = first.headers["etag"]
+    assert etag != client.get(f"{_tiles(slide)}/0/0/0", headers=headers).headers["etag"]
+    again = client.get(f"{_tiles(slide)}/0/1/0", headers={**headers, "If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
+    assert client.get(f"{_tiles(slide)}/0/1/0", headers={**headers, "If-None-Match": '"other"'}).status_code == 200
+
+
+def test_pyramid_description_and_associated_images(client, headers):
+    slide = make_slide()
+    _store(client, headers, list(slide.files.values()))
+    r = client.get(_tiles(slide), headers=headers)
+    assert r.status_code == 200
+    body = r.json()
+    assert [(lv["width"], lv["height"]) for lv in body["levels"]] == slide.sizes
+    assert [(lv["columns"], lv["rows"]) for lv in body["levels"]] == [(4, 3), (2, 2), (1, 1)]
+    assert body["levels"][0]["mediaType"] == "image/jpeg" and body["levels"][0]["sparse"] is False
+    assert [i["sopInstanceUID"] for i in body["labels"]] == [slide.sops["label.dcm"]]
+    label = client.get(f"{_tiles(slide)}/label", headers=headers)
+    assert label.status_code == 200 and label.content[:2] == b"\xff\xd8"
+    assert label.headers["content-type"] == "image/jpeg"
+    assert client.get(f"{_tiles(slide)}/overview", headers=headers).status_code == 200
+    assert client.get(f"{_tiles(slide)}/thumbnail", headers=headers).status_code == 404  # none stored
+
+
+def test_a_new_level_stored_later_is_seen(client, headers):
+    slide = make_slide()
+    files = dict(slide.files)
+    level2 = files.pop("level2.dcm")
+    _store(client, headers, list(files.values()))
+    assert client.get(f"{_tiles(slide)}/2/0/0", headers=headers).status_code == 404
+    _store(client, headers, [level2])
+    r = client.get(f"{_tiles(slide)}/2/0/0", headers=headers)
+    assert r.status_code == 200 and r.content == slide.tiles[2][0, 0]
