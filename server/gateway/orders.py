@@ -25,7 +25,12 @@ Send options (CodeSystem send-option, ``orderDetail``), applied to the job:
   commits, sent last in the set and indexed into the tenant's archive by the sender before its first mail
   (the archive's writer cannot join the FHIR write transaction). Not with ``anonymised`` (422: the PDF's
   content cannot be de-identified);
-* emergency = ``priority`` ``stat``: job priority 3 (sent first, flagged in the mails).
+* emergency = ``priority`` ``stat``: job priority 3 (sent first, flagged in the mails);
+* with ``anonymised`` only, the PS3.15 E.3 options (``server.dicom.deidentify.OPTION_CODES``: clean-descriptors,
+  retain-longitudinal-full-dates or -modified-dates, retain-patient-characteristics, retain-device-identity,
+  retain-institution-identity), added to the site's defaults (``Settings.deid_defaults``), go into the job's
+  ``deid_options``; instances whose pixel data may carry burned-in identity (Burned In Annotation YES, or none on
+  a Secondary Capture) are named in a German note on the order Task, or with ``exclude-burned-in`` not sent.
 
 Every mail of an order's job also carries ``order_part`` (``order.json``, a FHIR ServiceRequest without patient
 data) for recipients of DRG profile 1.6 or later; a 1.5 recipient gets the DICOM part only and cannot take a
@@ -475,14 +480,14 @@ class OrderListener:
         without a KOS, exclude-burned-in with every instance flagged). An anonymised order counts the instances
         with burned-in annotation, whose pixel data PS3.15 E.1 leaves as it is (Clean Pixel Data is not done)."""
         rows = self.archive.instances(tenant, order.study_uid, with_meta=order.deid is not None)
-        chosen = self._pick(rows, order.options)
+        chosen = frozenset(self._pick(rows, order.options))
         if order.deid is None:
-            return Selection(frozenset(chosen), len(chosen))
-        flagged = [uid for uid, meta, sop_class in ((r.sop_uid, r.meta, r.sop_class_uid) for r in rows)
-                   if uid in chosen and has_burned_in_annotation(_burned_in_annotation(meta), sop_class)]
+            return Selection(chosen, len(chosen))
+        flagged = {r.sop_uid for r in rows if r.sop_uid in chosen
+                   and has_burned_in_annotation(_burned_in_annotation(r.meta), r.sop_class_uid)}
         if EXCLUDE_BURNED_IN not in order.options:
-            return Selection(frozenset(chosen), len(chosen), len(flagged))
-        rest = frozenset(chosen) - set(flagged)
+            return Selection(chosen, len(chosen), len(flagged))
+        rest = chosen - flagged
         if not rest:
             raise _refuse("value", f"all {len(chosen)} instances to send of study {order.study_uid} may carry "
                           "burned-in annotation: with exclude-burned-in nothing is left to send",
