@@ -52,7 +52,8 @@ ENCODABLE = frozenset({RLE, JPEG_LS_LOSSLESS, JPEG_LS_NEAR, J2K_LOSSLESS, J2K, J
 LOSSY = frozenset({JPEG_BASELINE, JPEG_LS_NEAR})
 JPEG_LS_NEAR_ERROR = 2  # NEAR parameter: every sample within +/-2 of the original (ISO 14495-1)
 JPEG_QUALITY = 90
-JPEG_BASELINE_PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"})
+JPEG_BASELINE_PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2", "RGB"})  # as decoded
+YBR = frozenset({"YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"})
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,9 @@ def cannot_encode(ts: str, desc: PixelDescription) -> str | None:
     if ts == JPEG_BASELINE:
         if desc.bits_allocated != 8 or desc.bits_stored > 8 or desc.pixel_representation != 0:
             return "JPEG baseline holds 8-bit unsigned samples only (ITU T.81 process 1)"
-        if desc.photometric_interpretation not in JPEG_BASELINE_PHOTOMETRIC:
+        if decoded_photometric(desc) not in JPEG_BASELINE_PHOTOMETRIC:
             return f"JPEG baseline is not produced for {desc.photometric_interpretation}"
-    if ts in (JPEG_LS_LOSSLESS, JPEG_LS_NEAR, J2K_LOSSLESS, J2K) and desc.bits_allocated == 1:
+    if desc.bits_allocated == 1:
         return f"{_name(ts)} is not produced for 1-bit data"
     if ts in (JPEG_LS_LOSSLESS, JPEG_LS_NEAR) and desc.bits_stored < 2:
         return "JPEG-LS needs at least 2 bits per sample"
@@ -90,6 +91,12 @@ def cannot_encode(ts: str, desc: PixelDescription) -> str | None:
     if encoder is not None and not encoder.is_available:
         return f"no encoder for {_name(ts)} is installed"
     return None
+
+
+def decoded_photometric(desc: PixelDescription) -> str:
+    """The Photometric Interpretation of decoded pixels: RGB for any YBR colour (PS3.5 8.2; module docstring)."""
+    pi = desc.photometric_interpretation
+    return "RGB" if pi in YBR and desc.samples_per_pixel == 3 else pi
 
 
 def cannot_produce(stored_ts: str, target_ts: str, desc: PixelDescription | None) -> str | None:

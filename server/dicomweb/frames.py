@@ -214,14 +214,10 @@ def multipart_body(status: int, type_param: str, parts: Sequence[tuple[dict[str,
 
     async def gen():
         for headers, payload in parts:
-            yield headers, _once(payload)
+            yield headers, [payload]
 
     media_type = f'multipart/related; type="{type_param}"; boundary={boundary}'
     return Body(status, media_type, {"Accept-Ranges": "bytes"}, amultipart_chunks(boundary, gen()))
-
-
-async def _once(payload: bytes) -> AsyncIterator[bytes]:
-    yield payload
 
 
 class FrameIndexCache:

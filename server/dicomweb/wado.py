@@ -2,7 +2,8 @@
 
 Instances are streamed from their blobs in the stored transfer syntax. Metadata is assembled from the
 DICOM JSON precomputed at ingest (no DICOM parsing at retrieve time), with an ETag per revision.
-Frames, rendered images, thumbnails and transcoding are not implemented yet: 406 Not Acceptable.
+Instances in another transfer syntax are transcoded on request (``server.dicom.transcode``); frames live
+in ``frames.py``; bulk data honours a single HTTP Range.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from pathlib import Path
 import anyio
 
 from server.dicom.attributes import Level
-from server.dicomweb.frames import FrameService
+from server.dicom import transcode as tc
+from server.dicom.pixels import describe
+from server.dicomweb.frames import (Body, FrameService, RangeNotSatisfiable, multipart_body, not_satisfiable,
+                                    parse_range)
 from server.dicomweb.media import AcceptItem, accepts, parse_accept
 from server.dicomweb.multipart import amultipart_chunks, new_boundary
 from server.errors import ErrorKind, ServerError
@@ -30,6 +34,7 @@ DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 OCTET = "application/octet-stream"
 ANY_TRANSFER_SYNTAX = "*"
+PIXEL_DATA = "7FE00010"
 # How the precomputed metadata text starts every BulkDataURI: the JSON-escaped base placeholder (\x01)
 PLACEHOLDER_URI = '"BulkDataURI":"\\u0001'
 
@@ -87,17 +92,22 @@ class WadoService:
         self.frames = FrameService(blobs, archive)
 
     async def retrieve(self, tenant: str, target: Target, accept: str | None) -> Streamed:
-        """Instances of a study, series or one instance as multipart/related (PS3.18 10.4.1.1.1)."""
+        """Instances of a study, series or one instance as multipart/related (PS3.18 10.4.1.1.1).
+
+        Without a ``transfer-syntax`` (or with ``*``) each instance streams byte-exact as stored; with one,
+        instances stored otherwise are transcoded (PS3.18 8.7.3.5), after checking that every one of them
+        can be: else NOT_ACCEPTABLE (406) before anything is sent.
+        """
         wanted_ts = negotiate_dicom(accept)
-        rows = await anyio.to_thread.run_sync(self._rows, tenant, target, False)
+        rows = await anyio.to_thread.run_sync(self._rows, tenant, target, wanted_ts is not None)
         if wanted_ts is not None:
-            other = sorted({r.transfer_syntax_uid for r in rows} - {wanted_ts})
-            if other:
-                raise ServerError(ErrorKind.NOT_ACCEPTABLE,
-                                  f"transcoding to {wanted_ts} is not supported; stored as {', '.join(other)} "
-                                  "(ask for transfer-syntax=*)")
+            await anyio.to_thread.run_sync(_check_transcodable, rows, wanted_ts)
         boundary = new_boundary()
-        parts = _dicom_parts(self.blobs, rows)
+        first = None
+        if wanted_ts is not None and rows[0].transfer_syntax_uid != wanted_ts:  # fail before the 200 is sent
+            first = await anyio.to_thread.run_sync(_transcoded, self.blobs.path_of(rows[0].blob), rows[0].size,
+                                                   wanted_ts)
+        parts = _dicom_parts(self.blobs, rows, wanted_ts, first)
         media_type = f'multipart/related; type="{DICOM}"; boundary={boundary}'
         return Streamed(media_type, amultipart_chunks(boundary, parts))
 
@@ -122,26 +132,42 @@ class WadoService:
         rows = self._rows(tenant, target, True)
         return MetadataResponse(etag, _assemble(rows, base_url, gz), gz)
 
-    async def bulk(self, tenant: str, target: Target, tag_path: str, accept: str | None) -> Streamed:
-        """One bulk data value referenced by a BulkDataURI, as multipart/related octet-stream (PS3.18 10.4.1.1.5)."""
-        items = parse_accept(accept)
-        if accepts(items, "multipart/related", type_param=OCTET) is None and \
-                accepts(items, "multipart/related", type_param="*/*") is None:
-            raise ServerError(ErrorKind.NOT_ACCEPTABLE,
-                              "bulk data is available as multipart/related; type=\"application/octet-stream\" only")
+    async def bulk(self, tenant: str, target: Target, tag_path: str, accept: str | None,
+                   range_header: str | None = None) -> Body:
+        """One bulk data value referenced by a BulkDataURI (PS3.18 10.4.1.1.5), honouring a single Range.
+
+        ``multipart/related; type="application/octet-stream"`` (the Range cuts the part: 206 and the part's
+        Content-Range) or a single ``application/octet-stream`` body (206 with Content-Range, RFC 9110 14.4);
+        a Range outside the value: 416. Bulk data is served as stored (no transcoding).
+        """
+        multipart = _bulk_multipart(accept)
         rows = await anyio.to_thread.run_sync(self._rows, tenant, target, False)
         row = rows[0]
         location = json.loads(row.bulk).get(tag_path)
         if location is None:
             raise ServerError(ErrorKind.NOT_FOUND, f"no bulk data at {tag_path}")
         offset, length = location
-        boundary = new_boundary()
         path = self.blobs.path_of(row.blob)
+        span = _bulk_span(range_header, length)
+        if span is None:
+            return not_satisfiable(length)
+        if span == (0, length - 1) or length == 0:
+            if not multipart:  # whole value, single part: stream it
+                return Body(200, OCTET, {"Accept-Ranges": "bytes", "Content-Length": str(length)},
+                            _read_range(path, offset, length))
+            boundary = new_boundary()
 
-        async def parts():
-            yield {"Content-Type": OCTET}, _read_range(path, offset, length)
+            async def parts():
+                yield {"Content-Type": OCTET}, _read_range(path, offset, length)
 
-        return Streamed(f'multipart/related; type="{OCTET}"; boundary={boundary}', amultipart_chunks(boundary, parts()))
+            return Body(200, f'multipart/related; type="{OCTET}"; boundary={boundary}', {"Accept-Ranges": "bytes"},
+                        amultipart_chunks(boundary, parts()))
+        start, end = span
+        data = await anyio.to_thread.run_sync(_read_small, path, offset + start, end - start + 1)
+        content_range = f"bytes {start}-{end}/{length}"
+        if not multipart:
+            return Body(206, OCTET, {"Content-Range": content_range, "Accept-Ranges": "bytes"}, content=data)
+        return multipart_body(206, OCTET, [({"Content-Type": OCTET, "Content-Range": content_range}, data)])
 
     async def exists(self, tenant: str, target: Target) -> None:
         """NOT_FOUND unless the tenant has the study, series or instance."""
@@ -174,11 +200,58 @@ def _assemble(rows, base_url: str, gz: bool) -> bytes:
     return gzip.compress(data, compresslevel=1) if gz else data
 
 
-async def _dicom_parts(blobs: BlobStore, rows):
+async def _dicom_parts(blobs: BlobStore, rows, wanted_ts: str | None = None, first: bytes | None = None):
+    """The parts of a retrieve: stored bytes streamed, or each instance transcoded (``first`` done already)."""
+    for i, r in enumerate(rows):
+        path = blobs.path_of(r.blob)
+        if wanted_ts is None or r.transfer_syntax_uid == wanted_ts:
+            headers = {"Content-Type": f"{DICOM}; transfer-syntax={r.transfer_syntax_uid}",
+                       "Content-Length": str(r.size)}
+            yield headers, _read_range(path, 0, r.size)
+            continue
+        data = first if i == 0 and first is not None else \
+            await anyio.to_thread.run_sync(_transcoded, path, r.size, wanted_ts)
+        yield {"Content-Type": f"{DICOM}; transfer-syntax={wanted_ts}", "Content-Length": str(len(data))}, [data]
+
+
+def _transcoded(path: Path, size: int, wanted_ts: str) -> bytes:
+    """A stored instance re-encoded in ``wanted_ts`` (PS3.18 8.7.3.5; one worker-thread call)."""
+    return tc.transcode_instance(_read_small(path, 0, size), wanted_ts)
+
+
+def _check_transcodable(rows, wanted_ts: str) -> None:
+    """NOT_ACCEPTABLE unless every instance can be delivered in ``wanted_ts`` (PS3.18 8.7.3.5, 406)."""
+    if wanted_ts not in tc.WRITABLE_NATIVE | tc.ENCODABLE and any(r.transfer_syntax_uid != wanted_ts for r in rows):
+        raise ServerError(ErrorKind.NOT_ACCEPTABLE, f"instances cannot be transcoded to {wanted_ts}; stored as "
+                          f"{', '.join(sorted({r.transfer_syntax_uid for r in rows}))} (ask for transfer-syntax=*)")
     for r in rows:
-        headers = {"Content-Type": f"{DICOM}; transfer-syntax={r.transfer_syntax_uid}",
-                   "Content-Length": str(r.size)}
-        yield headers, _read_range(blobs.path_of(r.blob), 0, r.size)
+        if r.transfer_syntax_uid == wanted_ts or PIXEL_DATA not in json.loads(r.bulk):
+            continue
+        reason = tc.cannot_produce(r.transfer_syntax_uid, wanted_ts, describe(json.loads(r.meta)))
+        if reason:
+            raise ServerError(ErrorKind.NOT_ACCEPTABLE, f"instance {r.sop_uid} cannot be delivered as {wanted_ts}: "
+                              f"{reason} (ask for transfer-syntax=*)")
+
+
+def _bulk_multipart(accept: str | None) -> bool:
+    """Whether bulk data goes as multipart/related (True) or a single octet-stream body (PS3.18 8.7.3, 406)."""
+    items = parse_accept(accept)
+    if accepts(items, "multipart/related", type_param=OCTET) or accepts(items, "multipart/related", type_param="*/*"):
+        return True
+    if any(i.q > 0 and i.media.essence == OCTET for i in items):
+        return False
+    raise ServerError(ErrorKind.NOT_ACCEPTABLE,
+                      "bulk data is available as multipart/related; type=\"application/octet-stream\" or "
+                      "application/octet-stream only")
+
+
+def _bulk_span(range_header: str | None, length: int) -> tuple[int, int] | None:
+    """The byte span a Range asks of a bulk value, the whole value without one; None when not satisfiable."""
+    try:
+        span = parse_range(range_header, length)
+    except RangeNotSatisfiable:
+        return None
+    return span if span is not None else (0, length - 1)
 
 
 def _read_small(path: Path, offset: int, length: int) -> bytes:
@@ -215,4 +288,4 @@ async def _read_range(path: Path, offset: int, length: int) -> AsyncIterator[byt
         await anyio.to_thread.run_sync(f.close)
 
 
-__all__ = ["AcceptItem", "MetadataResponse", "Streamed", "Target", "WadoService", "negotiate_dicom"]
+__all__ = ["AcceptItem", "Body", "MetadataResponse", "Streamed", "Target", "WadoService", "negotiate_dicom"]
