@@ -317,12 +317,16 @@ def ybr_full_to_rgb(ybr: np.ndarray) -> np.ndarray:
 
 
 def palette_to_rgb(values: np.ndarray, palette: Sequence[Lut]) -> np.ndarray:
-    """PALETTE COLOR stored values through the Red, Green and Blue Palette Color LUTs (PS3.3 C.7.9)."""
-    channels = []
-    for lut in palette:
-        entries = lut.lookup(values)
-        channels.append((entries >> 8 if lut.bits > 8 else entries).astype(np.uint8))
-    return np.stack(channels, axis=-1)
+    """PALETTE COLOR stored values through the Red, Green and Blue Palette Color LUTs (PS3.3 C.7.9).
+
+    One (values, 3) table over the frame's value range, then one lookup per pixel.
+    """
+    low = int(values.min())
+    domain = np.arange(low, int(values.max()) + 1, dtype=np.int64)
+    table = np.stack([(lut.lookup(domain) >> 8 if lut.bits > 8 else lut.lookup(domain)).astype(np.uint8)
+                      for lut in palette], axis=-1)
+    index = values.astype(np.int32, copy=False)
+    return np.take(table, index - low if low else index, axis=0)
 
 
 def color(values: np.ndarray, p: Presentation) -> np.ndarray:

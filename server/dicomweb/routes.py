@@ -213,14 +213,6 @@ async def bulk_data(study: str, series: str, instance: str, path: str, request: 
                                  request.headers.get("range")))
 
 
-NOT_YET = "is not implemented yet (frames, rendered and thumbnail resources arrive with the pixel services)"
-
-
-async def _not_yet(principal: Principal, wado: WadoService, target: Target, what: str) -> Response:
-    await wado.exists(principal.tenant, target)
-    raise ServerError(ErrorKind.NOT_ACCEPTABLE, f"{what} {NOT_YET}")
-
-
 FRAMES_DOC = {"description": "Frames (PS3.18 10.4.1.1.6): multipart/related with type application/octet-stream "
                               "(native), image/jpeg, image/jls, image/jp2, image/jphc, image/dicom-rle or */*; "
                               "transfer-syntax=* is the stored syntax. Range on a single frame: 206/416. "
@@ -241,33 +233,3 @@ def _body(body: Body) -> Response:
         return StreamingResponse(body.chunks, status_code=body.status, media_type=body.media_type,
                                  headers=body.headers)
     return Response(body.content, status_code=body.status, media_type=body.media_type, headers=body.headers)
-
-
-def _not_yet_endpoint(level: Level, what: str):
-    """An endpoint with the level's declared path parameters that answers 404 for unknown UIDs, else 406."""
-    if level is Level.STUDY:
-        async def study_endpoint(study: str, principal: Reader, wado: Wado) -> Response:
-            return await _not_yet(principal, wado, Target(level, study), what)
-        return study_endpoint
-    if level is Level.SERIES:
-        async def series_endpoint(study: str, series: str, principal: Reader, wado: Wado) -> Response:
-            return await _not_yet(principal, wado, Target(level, study, series), what)
-        return series_endpoint
-
-    async def instance_endpoint(study: str, series: str, instance: str, principal: Reader, wado: Wado) -> Response:
-        return await _not_yet(principal, wado, Target(level, study, series, instance), what)
-    return instance_endpoint
-
-
-def _add_not_yet(path: str, level: Level, what: str, doc: str) -> None:
-    """Register a rendered/thumbnail resource that is not implemented yet."""
-    router.add_api_route(path, _not_yet_endpoint(level, what), methods=["GET"], description=doc,
-                         name=f"{what} ({level.value})")
-
-
-for _suffix, _what, _section in (("rendered", "rendered retrieval", "10.4.1.1.3"),
-                                 ("thumbnail", "thumbnail retrieval", "10.4.1.1.4")):
-    for _prefix, _level in (("/studies/{study}", Level.STUDY),
-                            ("/studies/{study}/series/{series}", Level.SERIES),
-                            ("/studies/{study}/series/{series}/instances/{instance}", Level.INSTANCE)):
-        _add_not_yet(f"{_prefix}/{_suffix}", _level, _what, f"{_suffix.title()} (PS3.18 {_section}): not yet, 406.")

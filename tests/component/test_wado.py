@@ -152,9 +152,10 @@ def test_metadata_not_acceptable(client, stored):
 
 
 @pytest.mark.parametrize("suffix", ["/rendered", "/thumbnail"])
-def test_pixel_services_not_yet_406(client, stored, suffix):
+def test_pixel_services_answer(client, stored, suffix):
+    """Rendered and thumbnail resources (tests/component/test_rendered.py has the details)."""
     study, series, sop = sample_uids("CT_small.dcm")
     r = client.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}{suffix}", headers=stored)
-    assert r.status_code == 406
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
     r = client.get(f"/dicomweb/studies/1.2.3/series/4.5/instances/6.7{suffix}", headers=stored)
     assert r.status_code == 404
