@@ -7,7 +7,7 @@ ever substituted: a syntax we cannot produce for an image raises NOT_ACCEPTABLE 
 Decoded colour (PS3.5 8.2.1-8.2.4): a decoder returns RGB for YBR_FULL, YBR_FULL_422, YBR_ICT and YBR_RCT,
 interleaved (Planar Configuration 0); monochrome and palette images keep their Photometric Interpretation.
 So native frames of a compressed colour image are RGB, and an instance transcoded to a native syntax says
-``RGB``. JPEG baseline output is YCbCr 4:2:2 (``YBR_FULL_422``); RLE, JPEG-LS and JPEG 2000 output keep
+``RGB``. JPEG baseline output is YCbCr without subsampling (``YBR_FULL``, PS3.5 8.2.1); RLE, JPEG-LS and JPEG 2000 output keep
 the decoded interpretation (JPEG 2000 without a colour transform, PS3.5 8.2.4).
 """
 
@@ -126,6 +126,8 @@ def decode_frame(data: bytes, ts: str, desc: PixelDescription) -> Frame:
     """
     if not decodable(ts):
         raise ServerError(ErrorKind.NOT_ACCEPTABLE, f"frames stored as {_name(ts)} cannot be decoded here")
+    if ts == EXPLICIT_BE:  # the decoders read buffers as little endian: swap words first (PS3.5 A.3)
+        data, ts = _swap_words(data, desc.bits_allocated), EXPLICIT_LE
     src = data if ts in NATIVE else encapsulate([data])
     try:
         arr, meta = get_decoder(UID(ts)).as_array(
@@ -140,6 +142,13 @@ def decode_frame(data: bytes, ts: str, desc: PixelDescription) -> Frame:
     out = replace(desc, photometric_interpretation=pi, planar_configuration=0, number_of_frames=1,
                   bits_allocated=int(meta.get("bits_allocated", desc.bits_allocated)))
     return Frame(arr, out)
+
+
+def _swap_words(data: bytes, bits_allocated: int) -> bytes:
+    """Big endian native samples as little endian (PS3.5 7.3, A.3); bytes of 8-bit data stay as they are."""
+    if bits_allocated not in (16, 32, 64):
+        return data
+    return np.frombuffer(data, dtype=f">u{bits_allocated // 8}").astype(f"<u{bits_allocated // 8}").tobytes()
 
 
 def encode_frame(frame: Frame, ts: str) -> tuple[bytes, PixelDescription]:
@@ -177,7 +186,7 @@ def _native_bytes(frame: Frame) -> bytes:
 
 
 def _jpeg_baseline(frame: Frame) -> tuple[bytes, PixelDescription]:
-    """JPEG baseline (ITU T.81 process 1) with Pillow: grey, or RGB as YCbCr 4:2:2 (PS3.5 8.2.1)."""
+    """JPEG baseline (ITU T.81 process 1) with Pillow: grey, or RGB as YCbCr 4:4:4 = YBR_FULL (PS3.5 8.2.1)."""
     from PIL import Image  # imported here: only this path needs Pillow
 
     d = frame.desc
@@ -185,9 +194,9 @@ def _jpeg_baseline(frame: Frame) -> tuple[bytes, PixelDescription]:
     if d.samples_per_pixel == 1:
         image, pi = Image.fromarray(arr, mode="L"), d.photometric_interpretation
     else:
-        image, pi = Image.fromarray(arr, mode="RGB"), "YBR_FULL_422"
+        image, pi = Image.fromarray(arr, mode="RGB"), "YBR_FULL"
     out = io.BytesIO()
-    image.save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=1 if d.samples_per_pixel == 3 else 0)
+    image.save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4: no chroma loss
     return out.getvalue(), replace(d, photometric_interpretation=pi)
 
 
