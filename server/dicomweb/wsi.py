@@ -1,8 +1,10 @@
 """Whole-slide tiles for web viewers: a tile of a pyramid level as its stored bytes (issue 6).
 
 The pyramid of a series (``server.dicom.wsi.describe``) is built once from the instances' precomputed DICOM
-JSON and kept in an LRU keyed by tenant, study and series, checked against the series' revision on every
-request (one indexed read). A tile is the stored frame (PS3.5 A.4 fragments, never decoded) cut by the
+JSON and kept in an LRU keyed by tenant, study and series; it is checked against the series' revision (one
+indexed read) at most once a second, and at once when a tile is not in the cached pyramid (a level stored
+since), so a tile costs no SQL. An instance replaced under the ``replace`` duplicate policy may be served
+from its old blob for up to that second. A tile is the stored frame (PS3.5 A.4 fragments, never decoded) cut by the
 frames service's frame index, answered with the image media type of its transfer syntax (PS3.18 Table
 8.7.3-5), a strong ETag from the blob's content address and the frame number, and immutable caching.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +27,7 @@ from server.errors import ErrorKind, ServerError
 from server.store.archive import Archive
 
 CACHE_SIZE = 256
+RECHECK_SECONDS = 1.0  # how long a cached pyramid is used before the series' revision is read again
 IMMUTABLE = "private, max-age=31536000, immutable"
 
 
@@ -58,24 +62,24 @@ class Tile:
 
 
 class SlideCache:
-    """A thread-safe LRU of SlideEntry by (tenant, study, series)."""
+    """A thread-safe LRU of SlideEntry by (tenant, study, series), with the time each was last checked."""
 
     def __init__(self, size: int = CACHE_SIZE) -> None:
         self.size = size
-        self._items: OrderedDict[tuple[str, str, str], SlideEntry] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str, str], tuple[SlideEntry, float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, str, str], revision: str) -> SlideEntry | None:
+    def get(self, key: tuple[str, str, str]) -> tuple[SlideEntry, float] | None:
+        """The entry and the monotonic time it was last checked against the series' revision."""
         with self._lock:
-            entry = self._items.get(key)
-            if entry is None or entry.revision != revision:
-                return None
-            self._items.move_to_end(key)
-            return entry
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
 
-    def put(self, key: tuple[str, str, str], entry: SlideEntry) -> None:
+    def put(self, key: tuple[str, str, str], entry: SlideEntry, checked: float) -> None:
         with self._lock:
-            self._items[key] = entry
+            self._items[key] = (entry, checked)
             self._items.move_to_end(key)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
@@ -92,10 +96,12 @@ def _etag_matches(if_none_match: str | None, etag: str) -> bool:
 class WsiService:
     """Pyramids and tiles of whole-slide series, for one tenant at a time."""
 
-    def __init__(self, archive: Archive, frames: FrameService, cache_size: int = CACHE_SIZE) -> None:
+    def __init__(self, archive: Archive, frames: FrameService, cache_size: int = CACHE_SIZE,
+                 recheck_seconds: float = RECHECK_SECONDS) -> None:
         self.archive = archive
         self.frames = frames
         self.cache = SlideCache(cache_size)
+        self.recheck_seconds = recheck_seconds
 
     async def tile(self, tenant: str, study: str, series: str, level: int, col: int, row: int,
                    if_none_match: str | None) -> Tile:
@@ -108,7 +114,7 @@ class WsiService:
 
     async def pyramid(self, tenant: str, study: str, series: str) -> dict[str, Any]:
         """A JSON description of the pyramid: levels with sizes, tile grids and media types; associated images."""
-        entry = await anyio.to_thread.run_sync(self._entry, tenant, study, series)
+        entry = await anyio.to_thread.run_sync(self._entry, tenant, study, series, True)
         p = entry.pyramid
         return {"studyInstanceUID": study, "seriesInstanceUID": series,
                 "levels": [dict(level=i, **_image_json(image)) for i, image in enumerate(p.levels)],
@@ -118,11 +124,15 @@ class WsiService:
     def _tile(self, tenant: str, study: str, series: str, level: int, col: int, row: int,
               if_none_match: str | None) -> Tile:
         entry = self._entry(tenant, study, series)
-        image, number = entry.pyramid.tile(level, col, row)
+        try:
+            image, number = entry.pyramid.tile(level, col, row)
+        except ServerError:  # not in the cached pyramid: look again in case the series changed since
+            entry = self._entry(tenant, study, series, True)
+            image, number = entry.pyramid.tile(level, col, row)
         return self._frame(tenant, entry, image, number, if_none_match)
 
     def _associated(self, tenant: str, study: str, series: str, kind: str, if_none_match: str | None) -> Tile:
-        entry = self._entry(tenant, study, series)
+        entry = self._entry(tenant, study, series, True)
         images = {"label": entry.pyramid.labels, "overview": entry.pyramid.overviews,
                   "thumbnail": entry.pyramid.thumbnails}[kind]
         single = [i for i in images if i.number_of_frames == 1]
@@ -144,16 +154,23 @@ class WsiService:
         [content] = self.frames._read(ref.blob, index, [number], index.transfer_syntax)  # noqa: SLF001
         return Tile(content, media_type, etag)
 
-    def _entry(self, tenant: str, study: str, series: str) -> SlideEntry:
-        """The series' pyramid from the LRU, rebuilt when the series changed since; NOT_FOUND if absent."""
+    def _entry(self, tenant: str, study: str, series: str, recheck: bool = False) -> SlideEntry:
+        """The series' pyramid from the LRU; NOT_FOUND if the series is absent.
+
+        A cached pyramid is checked against the series' revision (one indexed read) when it is older than
+        ``recheck_seconds`` or when asked, and rebuilt when the series changed.
+        """
+        key = (tenant, study, series)
+        now = time.monotonic()
+        cached = self.cache.get(key)
+        if cached is not None and not recheck and now - cached[1] < self.recheck_seconds:
+            return cached[0]
         revision = self.archive.revision(tenant, Level.SERIES, study, series)
         if revision is None:
             raise ServerError(ErrorKind.NOT_FOUND, "series not found")
-        key = (tenant, study, series)
-        entry = self.cache.get(key, revision)
-        if entry is None:
-            entry = self._build(tenant, study, series, revision)
-            self.cache.put(key, entry)
+        entry = cached[0] if cached is not None and cached[0].revision == revision else \
+            self._build(tenant, study, series, revision)
+        self.cache.put(key, entry, now)
         return entry
 
     def _build(self, tenant: str, study: str, series: str, revision: str) -> SlideEntry:
