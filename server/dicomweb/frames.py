@@ -22,7 +22,7 @@ from server.dicom import transcode as tc
 from server.dicom.pixels import (FrameSpan, PixelDescription, cut_bits, describe, encapsulated_frames,
                                  extended_offsets, native_frames, parse_frame_list, scan_items)
 from server.dicomweb.media import AcceptItem, parse_accept
-from server.dicomweb.multipart import amultipart_chunks, new_boundary
+from server.dicomweb.multipart import multipart_chunks, new_boundary
 from server.errors import ErrorKind, ServerError
 from server.store.archive import Archive
 from server.store.blobs import BlobStore
@@ -209,15 +209,11 @@ def payload_body(payload: bytes, part_type: str, multipart: bool, range_header: 
 
 
 def multipart_body(status: int, type_param: str, parts: Sequence[tuple[dict[str, str], bytes]]) -> Body:
-    """A multipart/related body of ready parts (PS3.18 8.7.4, RFC 2387)."""
+    """A multipart/related body of ready parts, as one bytes value (PS3.18 8.7.4, RFC 2387)."""
     boundary = new_boundary()
-
-    async def gen():
-        for headers, payload in parts:
-            yield headers, [payload]
-
+    content = b"".join(multipart_chunks(boundary, [(headers, [payload]) for headers, payload in parts]))
     media_type = f'multipart/related; type="{type_param}"; boundary={boundary}'
-    return Body(status, media_type, {"Accept-Ranges": "bytes"}, amultipart_chunks(boundary, gen()))
+    return Body(status, media_type, {"Accept-Ranges": "bytes"}, content=content)
 
 
 class FrameIndexCache:
