@@ -260,13 +260,16 @@ class FrameService:
         numbers = parse_frame_list(frame_list, len(index.spans))
         choice = negotiate_frames(accept, index.transfer_syntax, index.desc, len(numbers) == 1)
         part_type = f"{choice.media_type}; transfer-syntax={choice.transfer_syntax}"
-        payloads = self._read(row.blob, index, numbers, choice.transfer_syntax)
+        payloads = self.read_frames(row.blob, index, numbers, choice.transfer_syntax)
         if len(payloads) == 1:
             return payload_body(payloads[0], part_type, choice.multipart, range_header, choice.media_type)
         return multipart_body(200, choice.media_type, [({"Content-Type": part_type}, p) for p in payloads])
 
-    def _read(self, blob: str, index: FrameIndex, numbers: list[int], target_ts: str) -> list[bytes]:
-        """The requested frames' bytes in ``target_ts`` (read with pread; decoded and encoded if needed)."""
+    def read_frames(self, blob: str, index: FrameIndex, numbers: list[int], target_ts: str) -> list[bytes]:
+        """Frames ``numbers`` (1-based) of a blob in ``target_ts``: read with pread, decoded and encoded if needed.
+
+        Blocking (file reads, codecs): call it from a worker thread.
+        """
         path = self.blobs.path_of(blob)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -278,6 +281,8 @@ class FrameService:
             os.close(fd)
         return [tc.convert_frame(data, index.transfer_syntax, target_ts, index.desc) for data in raw]
 
+    _read = read_frames  # the name the WSI service used first
+
     def _row(self, tenant: str, study: str, series: str, sop: str):
         rows = self.archive.instances(tenant, study, series, sop)
         if not rows:
@@ -285,7 +290,11 @@ class FrameService:
         return rows[0]
 
     def frame_index(self, tenant: str, row) -> FrameIndex:
-        """The FrameIndex of an instance row, from the LRU or computed from its metadata and offset tables."""
+        """The FrameIndex of an instance row, from the LRU or computed from its metadata and offset tables.
+
+        ``row`` needs ``study_uid``, ``series_uid``, ``sop_uid``, ``transfer_syntax_uid``, ``blob`` and ``bulk``
+        (the JSON of tag path -> [offset, length]); NOT_FOUND when the instance has no Pixel Data. Blocking.
+        """
         cached = self.cache.get(row.blob)
         if cached is not None:
             return cached
