@@ -35,6 +35,7 @@ DICOM_JSON = "application/dicom+json"
 OCTET = "application/octet-stream"
 ANY_TRANSFER_SYNTAX = "*"
 PIXEL_DATA = "7FE00010"
+MAX_TRANSCODE_BYTES = 512 << 20  # an instance is transcoded in memory: larger ones only as stored
 # How the precomputed metadata text starts every BulkDataURI: the JSON-escaped base placeholder (\x01)
 PLACEHOLDER_URI = '"BulkDataURI":"\\u0001'
 
@@ -225,6 +226,9 @@ def _check_transcodable(rows, wanted_ts: str) -> None:
         raise ServerError(ErrorKind.NOT_ACCEPTABLE, f"instances cannot be transcoded to {wanted_ts}; stored as "
                           f"{', '.join(sorted({r.transfer_syntax_uid for r in rows}))} (ask for transfer-syntax=*)")
     for r in rows:
+        if r.transfer_syntax_uid != wanted_ts and r.size > MAX_TRANSCODE_BYTES:
+            raise ServerError(ErrorKind.NOT_ACCEPTABLE, f"instance {r.sop_uid} is too large to transcode "
+                              f"({r.size} bytes); ask for transfer-syntax=* or for its frames")
         if r.transfer_syntax_uid == wanted_ts or PIXEL_DATA not in json.loads(r.bulk):
             continue
         reason = tc.cannot_produce(r.transfer_syntax_uid, wanted_ts, describe(json.loads(r.meta)))

@@ -392,3 +392,12 @@ def test_bulk_range_multipart_and_single_part(client):
     assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(value)}"
     r = client.get(bulk_url("CT_small.dcm"), headers={"Accept": "image/png"})
     assert r.status_code == 406
+
+
+def test_instances_too_large_to_transcode_406(client, monkeypatch):
+    from server.dicomweb import wado
+
+    monkeypatch.setattr(wado, "MAX_TRANSCODE_BYTES", 1000)
+    r = client.get(instance_url("CT_small.dcm"), headers={
+        "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.80'})
+    assert r.status_code == 406 and "too large" in r.json()["00000902"]["Value"][0]
