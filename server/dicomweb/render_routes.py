@@ -14,7 +14,7 @@ from server.dicomweb.wado import Target
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
 
-CACHE_CONTROL = "private, max-age=300"
+HEADERS = {"Cache-Control": "private, max-age=300", "Vary": "Accept, Authorization"}
 
 
 def render_service(request: Request) -> RenderService:
@@ -31,80 +31,61 @@ Renderer = Annotated[RenderService, Depends(render_service)]
 
 def answer(result: Rendered) -> Response:
     """A rendered body, or a streamed multipart body."""
-    headers = {"Cache-Control": CACHE_CONTROL, "Vary": "Accept, Authorization"}
     if result.chunks is not None:
-        return StreamingResponse(result.chunks, media_type=result.media_type, headers=headers)
-    return Response(result.body, media_type=result.media_type, headers=headers)
+        return StreamingResponse(result.chunks, media_type=result.media_type, headers=HEADERS)
+    return Response(result.body, media_type=result.media_type, headers=HEADERS)
 
 
+ERROR_RESPONSES = {400: {"description": "malformed or missing parameter"},
+                   404: {"description": "unknown UIDs, object or frame"},
+                   406: {"description": "no acceptable representation can be produced"}}
 RENDERED_DOC = {
     "description": "Rendered resource (PS3.18 10.4.1.1.3, 8.3.5.1): image/jpeg (default), image/png, image/gif, "
                    "application/pdf for Encapsulated PDF; study and series as multipart/related of the rendered "
                    "instances. Query: window=center,width,function; viewport=vw,vh[,sx,sy,sw,sh]; quality=1..100; "
                    "accept=<media type>.",
-    "responses": {400: {"description": "malformed parameter"}, 404: {"description": "unknown UIDs or frame"},
-                  406: {"description": "no acceptable rendering"}},
+    "responses": ERROR_RESPONSES,
 }
 THUMBNAIL_DOC = {
     "description": "Thumbnail (PS3.18 10.4.1.1.4): one small image (image/jpeg default, image/png, image/gif) of a "
                    "representative frame; viewport (default 128,128) and quality honoured.",
-    "responses": RENDERED_DOC["responses"],
+    "responses": ERROR_RESPONSES,
 }
 
 
-async def _rendered(request: Request, principal, service: RenderService, target: Target,
-                    frames: str | None = None) -> Response:
-    return answer(await service.rendered(principal.tenant, target, list(request.query_params.multi_items()),
-                                         request.headers.get("accept"), frames))
+LEVEL_PATHS = (("/studies/{study}", Level.STUDY), ("/studies/{study}/series/{series}", Level.SERIES),
+               ("/studies/{study}/series/{series}/instances/{instance}", Level.INSTANCE),
+               ("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}", Level.INSTANCE))
 
 
-async def _thumbnail(request: Request, principal, service: RenderService, target: Target,
-                     frames: str | None = None) -> Response:
-    return answer(await service.thumbnail(principal.tenant, target, list(request.query_params.multi_items()),
-                                          request.headers.get("accept"), frames))
+def _endpoints(resource: str):
+    """The study, series, instance and frames endpoints of ``resource`` ("rendered" or "thumbnail")."""
+    async def call(request: Request, principal, service: RenderService, target: Target,
+                   frames: str | None = None) -> Response:
+        method = service.rendered if resource == "rendered" else service.thumbnail
+        return answer(await method(principal.tenant, target, list(request.query_params.multi_items()),
+                                   request.headers.get("accept"), frames))
+
+    async def study_endpoint(study: str, request: Request, principal: Reader, service: Renderer) -> Response:
+        return await call(request, principal, service, Target(Level.STUDY, study))
+
+    async def series_endpoint(study: str, series: str, request: Request, principal: Reader,
+                              service: Renderer) -> Response:
+        return await call(request, principal, service, Target(Level.SERIES, study, series))
+
+    async def instance_endpoint(study: str, series: str, instance: str, request: Request, principal: Reader,
+                                service: Renderer) -> Response:
+        return await call(request, principal, service, Target(Level.INSTANCE, study, series, instance))
+
+    async def frames_endpoint(study: str, series: str, instance: str, frames: str, request: Request,
+                              principal: Reader, service: Renderer) -> Response:
+        return await call(request, principal, service, Target(Level.INSTANCE, study, series, instance), frames)
+
+    return study_endpoint, series_endpoint, instance_endpoint, frames_endpoint
 
 
-@router.get("/studies/{study}/rendered", **RENDERED_DOC)
-async def study_rendered(study: str, request: Request, principal: Reader, service: Renderer) -> Response:
-    return await _rendered(request, principal, service, Target(Level.STUDY, study))
-
-
-@router.get("/studies/{study}/series/{series}/rendered", **RENDERED_DOC)
-async def series_rendered(study: str, series: str, request: Request, principal: Reader,
-                          service: Renderer) -> Response:
-    return await _rendered(request, principal, service, Target(Level.SERIES, study, series))
-
-
-@router.get("/studies/{study}/series/{series}/instances/{instance}/rendered", **RENDERED_DOC)
-async def instance_rendered(study: str, series: str, instance: str, request: Request, principal: Reader,
-                            service: Renderer) -> Response:
-    return await _rendered(request, principal, service, Target(Level.INSTANCE, study, series, instance))
-
-
-@router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered", **RENDERED_DOC)
-async def frames_rendered(study: str, series: str, instance: str, frames: str, request: Request,
-                          principal: Reader, service: Renderer) -> Response:
-    return await _rendered(request, principal, service, Target(Level.INSTANCE, study, series, instance), frames)
-
-
-@router.get("/studies/{study}/thumbnail", **THUMBNAIL_DOC)
-async def study_thumbnail(study: str, request: Request, principal: Reader, service: Renderer) -> Response:
-    return await _thumbnail(request, principal, service, Target(Level.STUDY, study))
-
-
-@router.get("/studies/{study}/series/{series}/thumbnail", **THUMBNAIL_DOC)
-async def series_thumbnail(study: str, series: str, request: Request, principal: Reader,
-                           service: Renderer) -> Response:
-    return await _thumbnail(request, principal, service, Target(Level.SERIES, study, series))
-
-
-@router.get("/studies/{study}/series/{series}/instances/{instance}/thumbnail", **THUMBNAIL_DOC)
-async def instance_thumbnail(study: str, series: str, instance: str, request: Request, principal: Reader,
-                             service: Renderer) -> Response:
-    return await _thumbnail(request, principal, service, Target(Level.INSTANCE, study, series, instance))
-
-
-@router.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/thumbnail", **THUMBNAIL_DOC)
-async def frames_thumbnail(study: str, series: str, instance: str, frames: str, request: Request,
-                           principal: Reader, service: Renderer) -> Response:
-    return await _thumbnail(request, principal, service, Target(Level.INSTANCE, study, series, instance), frames)
+for _resource, _doc in (("rendered", RENDERED_DOC), ("thumbnail", THUMBNAIL_DOC)):
+    for (_prefix, _level), _endpoint in zip(LEVEL_PATHS, _endpoints(_resource)):
+        _what = "frames" if _prefix.endswith("{frames}") else _level.value
+        router.add_api_route(f"{_prefix}/{_resource}", _endpoint, methods=["GET"], name=f"{_resource} ({_what})",
+                             **_doc)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 
-from server.dicomweb.render_routes import CACHE_CONTROL, Renderer
+from server.dicomweb.render_routes import ERROR_RESPONSES, HEADERS, Renderer, answer
+from server.dicomweb.rendered import Rendered
 from server.dicomweb.routes import Reader
 from server.dicomweb.wado_uri import WadoUriService, parse_wado_uri
 
@@ -16,8 +17,7 @@ WADO_URI_DOC = {
                    "application/dicom (transferSyntax, anonymize=yes), image/jpeg (default for images), image/png, "
                    "image/gif, application/pdf (default for Encapsulated PDF); rows, columns, region, windowCenter, "
                    "windowWidth, frameNumber, imageQuality. Bearer token as for DICOMweb.",
-    "responses": {400: {"description": "malformed or missing parameter"}, 404: {"description": "unknown object"},
-                  406: {"description": "cannot produce the requested content type"}},
+    "responses": ERROR_RESPONSES,
 }
 
 
@@ -25,7 +25,6 @@ WADO_URI_DOC = {
 async def wado_uri(request: Request, principal: Reader, renderer: Renderer) -> Response:
     parsed = parse_wado_uri(list(request.query_params.multi_items()))
     result = await WadoUriService(renderer).retrieve(principal.tenant, parsed)
-    headers = {"Cache-Control": CACHE_CONTROL, "Vary": "Authorization"}
     if result.path is not None:
-        return FileResponse(result.path, media_type=result.media_type, headers=headers)
-    return Response(result.body, media_type=result.media_type, headers=headers)
+        return FileResponse(result.path, media_type=result.media_type, headers=HEADERS)
+    return answer(Rendered(result.media_type, result.body))

@@ -10,7 +10,6 @@ import io
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
@@ -65,18 +64,9 @@ def mono1_instance() -> bytes:
 
 
 @pytest.fixture
-def app(sqlite_settings):
-    from server.app import create_app
-
-    app = create_app(sqlite_settings)
-    yield app
-    app.state.engine.dispose()
-
-
-@pytest.fixture
-def client(app):
-    with TestClient(app, base_url="http://testserver") as c:
-        yield c
+def settings(sqlite_settings):
+    """SQLite only: these tests are about rendering, not the store (conftest's app and client use this)."""
+    return sqlite_settings
 
 
 @pytest.fixture

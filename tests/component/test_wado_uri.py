@@ -11,7 +11,7 @@ from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
 from server.dicom.encapsulate import encapsulated_pdf, study_context_from
-from tests.component.test_rendered import PDF, app, client, ref_linear, ref_linear_exact  # noqa: F401 - fixtures
+from tests.component.test_rendered import PDF, ref_linear, ref_linear_exact, settings  # noqa: F401 - fixture
 from tests.conftest import auth, make_token
 from tests.dicomdata import multipart, sample_bytes, sample_path, sample_uids
 

@@ -13,9 +13,9 @@ from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
 from server.dicom.encapsulate import encapsulated_pdf, study_context_from
-from tests.component.test_rendered import PDF, ref_linear, ref_linear_exact
+from tests.component.test_rendered import PDF, ref_linear, ref_linear_exact, settings  # noqa: F401 - fixture
 from tests.component.test_wado import split_multipart
-from tests.conftest import LiveServer, _free_port, make_token
+from tests.conftest import make_token
 from tests.dicomdata import sample_bytes, sample_path, sample_uids
 
 FILES = ["CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "SC_rgb_rle.dcm"]
@@ -23,23 +23,10 @@ PDF_SERIES, PDF_SOP = "1.2.826.0.1.3680043.10.99.8", "1.2.826.0.1.3680043.10.99.
 
 
 @pytest.fixture
-def server(sqlite_settings):
-    from server.app import create_app
-
-    port = _free_port()
-    app = create_app(sqlite_settings.model_copy(update={"public_base_url": f"http://127.0.0.1:{port}"}))
-    try:
-        with LiveServer(app, port) as live:
-            yield live
-    finally:
-        app.state.engine.dispose()
-
-
-@pytest.fixture
-def dw(server, sqlite_settings) -> DICOMwebClient:
+def dw(live_server, sqlite_settings) -> DICOMwebClient:
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {make_token(sqlite_settings)}"
-    client = DICOMwebClient(url=f"{server.url}/dicomweb", session=session)
+    client = DICOMwebClient(url=f"{live_server.url}/dicomweb", session=session)
     pdf = encapsulated_pdf(PDF, study=study_context_from(sample_bytes("CT_small.dcm")), title="Befund",
                            series_uid=PDF_SERIES, sop_uid=PDF_SOP)
     datasets = [dcmread(sample_path(n)) for n in FILES] + [dcmread(DicomBytesIO(pdf))]
@@ -79,10 +66,10 @@ def test_frames_rendered(dw):
     assert gif.format == "GIF" and gif.n_frames == 3
 
 
-def test_series_rendered_is_multipart(dw, server, sqlite_settings):
+def test_series_rendered_is_multipart(dw, live_server, sqlite_settings):
     study, series, _ = sample_uids("emri_small.dcm")
     body = dw.retrieve_series_rendered(study, series, media_types=("image/jpeg",))
-    r = requests.get(f"{server.url}/dicomweb/studies/{study}/series/{series}/rendered",
+    r = requests.get(f"{live_server.url}/dicomweb/studies/{study}/series/{series}/rendered",
                      headers={"Authorization": f"Bearer {make_token(sqlite_settings)}", "Accept": "image/jpeg"})
     assert r.headers["content-type"].startswith('multipart/related; type="image/jpeg"')
     boundary = body[2:body.index(b"\r\n")].decode()  # the body dicomweb-client returned starts with --boundary
@@ -96,10 +83,10 @@ def test_pdf_rendered(dw):
     assert data.startswith(PDF)
 
 
-def test_thumbnails_over_http(dw, server, sqlite_settings):
+def test_thumbnails_over_http(dw, live_server, sqlite_settings):
     headers = {"Authorization": f"Bearer {make_token(sqlite_settings)}"}
     study, series, sop = sample_uids("MR_small.dcm")
-    base = f"{server.url}/dicomweb/studies/{study}"
+    base = f"{live_server.url}/dicomweb/studies/{study}"
     for path in (base, f"{base}/series/{series}", f"{base}/series/{series}/instances/{sop}",
                  f"{base}/series/{series}/instances/{sop}/frames/1"):
         r = requests.get(f"{path}/thumbnail", headers=headers, params={"viewport": "32,32"})
@@ -107,13 +94,13 @@ def test_thumbnails_over_http(dw, server, sqlite_settings):
         assert decoded(r.content).size == (32, 32)
 
 
-def test_wado_uri_over_http(dw, server, sqlite_settings):
+def test_wado_uri_over_http(dw, live_server, sqlite_settings):
     headers = {"Authorization": f"Bearer {make_token(sqlite_settings)}"}
     study, series, sop = sample_uids("MR_small.dcm")
     query = {"requestType": "WADO", "studyUID": study, "seriesUID": series, "objectUID": sop}
-    r = requests.get(f"{server.url}/wado", params={**query, "contentType": "image/png"}, headers=headers)
+    r = requests.get(f"{live_server.url}/wado", params={**query, "contentType": "image/png"}, headers=headers)
     ds = dcmread(sample_path("MR_small.dcm"))
     assert np.array_equal(np.asarray(decoded(r.content)), ref_linear(ds.pixel_array.astype(float), 600, 1600))
-    r = requests.get(f"{server.url}/wado", params={**query, "contentType": "application/dicom"}, headers=headers)
+    r = requests.get(f"{live_server.url}/wado", params={**query, "contentType": "application/dicom"}, headers=headers)
     assert r.headers["content-type"] == "application/dicom" and r.content == sample_bytes("MR_small.dcm")
-    assert requests.get(f"{server.url}/wado", params=query).status_code == 401
+    assert requests.get(f"{live_server.url}/wado", params=query).status_code == 401
