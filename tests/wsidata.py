@@ -255,4 +255,13 @@ def make_slide(*, width: int = 1000, height: int = 768, tile: int = 256, levels:
     return slide
 
 
-__all__ = ["JPEG2000Lossless", "JPEGBaseline8Bit", "Slide", "encode", "make_slide", "synthetic_slide"]
+def stow(client, headers: dict[str, str], files: list[bytes]) -> None:
+    """Store Part 10 files in one STOW-RS request of an in-process test client; all must be stored."""
+    from tests.dicomdata import multipart
+
+    body, ctype = multipart(files)
+    r = client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype, **headers})
+    assert r.status_code == 200, r.text
+
+
+__all__ = ["JPEG2000Lossless", "JPEGBaseline8Bit", "Slide", "encode", "make_slide", "stow", "synthetic_slide"]

@@ -11,16 +11,10 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage
 
 from tests.conftest import auth, make_token
-from tests.dicomdata import make_instance, multipart
-from tests.wsidata import make_slide
+from tests.dicomdata import make_instance
+from tests.wsidata import make_slide, stow
 
 JSON = {"Accept": "application/dicom+json"}
-
-
-def _store(client, headers, files: list[bytes]) -> None:
-    body, ctype = multipart(files)
-    r = client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype, **headers})
-    assert r.status_code == 200, r.text
 
 
 @pytest.fixture
@@ -31,9 +25,9 @@ def headers(settings):
 @pytest.fixture
 def slide(client, headers):
     slide = make_slide(label_series=True)
-    _store(client, headers, list(slide.files.values()))
+    stow(client, headers, list(slide.files.values()))
     # a CT instance in the same study: the filters must leave it out
-    _store(client, headers, [make_instance(study=slide.study_uid, modality="CT")])
+    stow(client, headers, [make_instance(study=slide.study_uid, modality="CT")])
     return slide
 
 
@@ -73,7 +67,7 @@ def test_repeated_uid_key_is_a_list_but_other_keys_are_refused(client, headers, 
 
 def test_series_level_available_transfer_syntaxes_and_hex_filters(client, headers, slide):
     j2k = make_slide(transfer_syntax=JPEG2000Lossless, levels=1, width=256, height=256)
-    _store(client, headers, list(j2k.files.values()))
+    stow(client, headers, list(j2k.files.values()))
     r = client.get("/dicomweb/series", params={"00080060": "SM", "includefield": "00083002"}, headers=headers)
     by_series = {_values(i, "0020000E")[0]: i for i in r.json()}
     assert set(by_series) == {slide.series_uid, slide.label_series_uid, j2k.series_uid}

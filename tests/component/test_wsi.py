@@ -6,14 +6,8 @@ import pytest
 from pydicom.uid import JPEG2000Lossless
 
 from tests.conftest import auth, make_token
-from tests.dicomdata import make_instance, multipart
-from tests.wsidata import make_slide
-
-
-def _store(client, headers, files: list[bytes]) -> None:
-    body, ctype = multipart(files)
-    r = client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype, **headers})
-    assert r.status_code == 200, r.text
+from tests.dicomdata import make_instance
+from tests.wsidata import make_slide, stow
 
 
 @pytest.fixture
@@ -29,7 +23,7 @@ def _tiles(slide) -> str:
                          ids=["tiled-full-jpeg", "tiled-sparse-jpeg", "tiled-full-j2k"])
 def test_every_tile_is_served_byte_exact_with_its_media_type(client, headers, variant):
     slide = make_slide(**variant)
-    _store(client, headers, list(slide.files.values()))
+    stow(client, headers, list(slide.files.values()))
     media = "image/jp2" if variant.get("transfer_syntax") else "image/jpeg"
     for level, tiles in enumerate(slide.tiles):
         for (col, row), data in tiles.items():
@@ -42,7 +36,7 @@ def test_every_tile_is_served_byte_exact_with_its_media_type(client, headers, va
 
 def test_outside_the_grid_missing_sparse_tiles_and_unknown_series_are_404(client, headers):
     slide = make_slide(sparse=True)
-    _store(client, headers, list(slide.files.values()))
+    stow(client, headers, list(slide.files.values()))
     for level, col, row in [(0, 4, 0), (0, 0, 3), (0, -1, 0), (1, 2, 2), (3, 0, 0), (-1, 0, 0),
                             (0, 3, 2)]:  # (0, 3, 2): inside the grid, left out of the sparse level
         r = client.get(f"{_tiles(slide)}/{level}/{col}/{row}", headers=headers)
@@ -54,11 +48,11 @@ def test_outside_the_grid_missing_sparse_tiles_and_unknown_series_are_404(client
 
 def test_a_series_without_slides_is_404_and_tenants_do_not_see_each_other(client, headers, settings):
     ct = make_instance(study="1.2.826.0.9.70", series="1.2.826.0.9.71")
-    _store(client, headers, [ct])
+    stow(client, headers, [ct])
     r = client.get("/dicomweb/studies/1.2.826.0.9.70/series/1.2.826.0.9.71/tiles/0/0/0", headers=headers)
     assert r.status_code == 404
     slide = make_slide(levels=1, width=256, height=256)
-    _store(client, headers, list(slide.files.values()))
+    stow(client, headers, list(slide.files.values()))
     other = auth(make_token(settings, tenant="site-b"))
     assert client.get(f"{_tiles(slide)}/0/0/0", headers=other).status_code == 404
     assert client.get(f"{_tiles(slide)}/0/0/0").status_code == 401
@@ -66,7 +60,7 @@ def test_a_series_without_slides_is_404_and_tenants_do_not_see_each_other(client
 
 def test_etag_and_if_none_match(client, headers):
     slide = make_slide(levels=1, width=512, height=256)
-    _store(client, headers, list(slide.files.values()))
+    stow(client, headers, list(slide.files.values()))
     first = client.get(f"{_tiles(slide)}/0/1/0", headers=headers)
     etag = first.headers["etag"]
     assert etag != client.get(f"{_tiles(slide)}/0/0/0", headers=headers).headers["etag"]
@@ -77,7 +71,7 @@ def test_etag_and_if_none_match(client, headers):
 
 def test_pyramid_description_and_associated_images(client, headers):
     slide = make_slide()
-    _store(client, headers, list(slide.files.values()))
+    stow(client, headers, list(slide.files.values()))
     r = client.get(_tiles(slide), headers=headers)
     assert r.status_code == 200
     body = r.json()
@@ -96,8 +90,8 @@ def test_a_new_level_stored_later_is_seen(client, headers):
     slide = make_slide()
     files = dict(slide.files)
     level2 = files.pop("level2.dcm")
-    _store(client, headers, list(files.values()))
+    stow(client, headers, list(files.values()))
     assert client.get(f"{_tiles(slide)}/2/0/0", headers=headers).status_code == 404
-    _store(client, headers, [level2])
+    stow(client, headers, [level2])
     r = client.get(f"{_tiles(slide)}/2/0/0", headers=headers)
     assert r.status_code == 200 and r.content == slide.tiles[2][0, 0]
