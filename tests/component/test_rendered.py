@@ -324,3 +324,15 @@ def test_other_tenant_sees_nothing_even_when_cached(client, token, sqlite_settin
 def test_token_required(client, token):
     assert client.get(url("CT_small.dcm")).status_code == 401
     assert client.get(url("CT_small.dcm", "thumbnail")).status_code == 401
+
+
+def test_thumbnail_cache_is_per_tenant(client, token, app, sqlite_settings):
+    other = auth(make_token(sqlite_settings, tenant="site-b"))
+    body, ctype = multipart([sample_bytes("CT_small.dcm")])
+    assert client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype, **other}).status_code == 200
+    assert client.get(url("CT_small.dcm", "thumbnail"), headers=token).status_code == 200
+    hits = app.state.render.cache.hits
+    r = client.get(url("CT_small.dcm", "thumbnail"), headers=other)  # the same blob, another tenant: rendered anew
+    assert r.status_code == 200 and app.state.render.cache.hits == hits
+    assert client.get(url("CT_small.dcm", "thumbnail"), headers=other).status_code == 200
+    assert app.state.render.cache.hits == hits + 1
