@@ -55,6 +55,7 @@ THUMBNAIL_VIEWPORT = Viewport(128, 128)
 THUMBNAIL_QUALITY = 75
 QUERY_PARAMETERS = ("window", "viewport", "quality", "accept", "annotation", "iccprofile", "charset")
 CACHE_ENTRIES = 512
+MAX_GIF_PIXELS = 100_000_000  # all frames of one animated GIF together (memory bound)
 CACHE_BYTES = 64 << 20
 
 
@@ -243,8 +244,8 @@ class RenderService:
             for row in chosen[1:]:
                 try:
                     body = await anyio.to_thread.run_sync(self.render_row, tenant, row, media, request.params, None)
-                except ServerError as exc:
-                    if exc.kind is not ErrorKind.NOT_ACCEPTABLE:
+                except ServerError as exc:  # the status is sent: leave the instance out rather than break the body
+                    if exc.kind not in (ErrorKind.NOT_ACCEPTABLE, ErrorKind.INTERNAL):
                         raise
                     log.warning("instance %s left out of a rendered %s: %s", row.sop_uid, media, exc.message)
                     continue
@@ -309,6 +310,9 @@ def render_instance(blob: _Blob, index: FrameIndex, meta: dict[str, Any], bulk: 
     """Decode the frames of one instance and render them (PS3.18 8.3.5.1); only those frames are read."""
     if indices is None:
         indices = list(range(len(index.spans))) if media == GIF else [0]
+    if len(indices) * index.desc.rows * index.desc.columns > MAX_GIF_PIXELS:
+        raise ServerError(ErrorKind.NOT_ACCEPTABLE, f"{len(indices)} frames are too many for one animated GIF; "
+                          "ask for fewer frames (frames/{list}/rendered)")
     frames = [transcode.decode_frame(read_frame(blob, index.spans[i]), index.transfer_syntax, index.desc)
               for i in indices]
     presentation = render.presentation_of(meta, _bulk_reader(blob, bulk))

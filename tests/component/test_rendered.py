@@ -336,3 +336,12 @@ def test_thumbnail_cache_is_per_tenant(client, token, app, sqlite_settings):
     assert r.status_code == 200 and app.state.render.cache.hits == hits
     assert client.get(url("CT_small.dcm", "thumbnail"), headers=other).status_code == 200
     assert app.state.render.cache.hits == hits + 1
+
+
+def test_too_many_frames_for_one_gif_406(client, token, monkeypatch):
+    from server.dicomweb import rendered
+
+    monkeypatch.setattr(rendered, "MAX_GIF_PIXELS", 64 * 64 * 5)
+    assert client.get(url("emri_small.dcm"), headers={**token, "Accept": "image/gif"}).status_code == 406
+    r = client.get(url("emri_small.dcm", "frames/1,2,3,4,5/rendered"), headers={**token, "Accept": "image/gif"})
+    assert image(r).n_frames == 5
