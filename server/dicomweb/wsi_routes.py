@@ -12,14 +12,20 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.dicomweb.routes import Reader
+from server.dicomweb.routes import RESOURCE
 from server.dicomweb.wsi import IMMUTABLE, Tile, WsiService
+from server.security.http import principal_of, require
+from server.security.tokens import Access, Principal
 
 router = APIRouter(prefix="/dicomweb", tags=["DICOMweb"])
 
 
-def wsi_service(request: Request) -> WsiService:
-    """The app's WsiService, made on first use (one per app, so one pyramid cache per process)."""
+async def wsi_service(request: Request) -> WsiService:
+    """The app's WsiService, made on first use (one per app, so one pyramid cache per process).
+
+    Dependencies here are ``async``: FastAPI runs plain ``def`` dependencies in the thread pool, a thread hop
+    per dependency and tile.
+    """
     state = request.app.state
     service = getattr(state, "wsi", None)
     if service is None:
@@ -27,7 +33,12 @@ def wsi_service(request: Request) -> WsiService:
     return service
 
 
+async def _reader(request: Request) -> Principal:
+    return require(principal_of(request), RESOURCE, Access.READ)
+
+
 Wsi = Annotated[WsiService, Depends(wsi_service)]
+Reader = Annotated[Principal, Depends(_reader)]
 NOT_FOUND = {404: {"description": "unknown series, no whole-slide image, or outside the tile grid"}}
 
 
