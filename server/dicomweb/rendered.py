@@ -22,7 +22,6 @@ import dataclasses
 import enum
 import json
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -36,7 +35,7 @@ import orjson
 from server.dicom import render, transcode
 from server.dicom.attributes import Level
 from server.dicom.encapsulate import ENCAPSULATED_PDF_STORAGE, extract_pdf
-from server.dicom.pixels import FrameSpan, cut_bits, parse_frame_list
+from server.dicom.pixels import parse_frame_list
 from server.dicom.render import GIF, JPEG, PNG, RenderParams, Viewport
 from server.dicomweb.frames import FrameIndex, FrameService
 from server.dicomweb.media import AcceptItem, accepts, parse_accept, parse_media_type
@@ -141,37 +140,6 @@ def negotiate(items: list[AcceptItem], candidates: Sequence[str]) -> str:
         offered = ", ".join(candidates) or "nothing (the resource has no renderable instance)"
         raise ServerError(ErrorKind.NOT_ACCEPTABLE, f"this resource can be rendered as {offered}")
     return best[1]
-
-
-class _Blob:
-    """Positional reads of one stored blob."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd: int | None = None
-
-    def __enter__(self) -> _Blob:
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError as exc:
-            raise ServerError(ErrorKind.INTERNAL, "blob missing") from exc
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        if len(data) != length:
-            raise ServerError(ErrorKind.INTERNAL, "blob shorter than indexed")
-        return data
-
-
-def read_frame(blob: _Blob, span: FrameSpan) -> bytes:
-    """One frame's stored bytes: its pieces joined, a 1-bit frame repacked from bit 0 (PS3.5 8.1.1, A.4)."""
-    data = b"".join(blob.read_at(offset, length) for offset, length in span.pieces)
-    return cut_bits(data, span.bit_shift, span.bits) if span.bits else data
 
 
 class ThumbnailCache:
@@ -294,8 +262,11 @@ class RenderService:
             return extract_pdf(path.read_bytes())
         meta = orjson.loads(row.meta)
         index = self.frames.frame_index(tenant, row)
-        with _Blob(path) as blob:
-            return render_instance(blob, index, meta, json.loads(row.bulk), media, params, indices)
+        if indices is None:
+            indices = list(range(len(index.spans))) if media == GIF else [0]
+        check_gif_size(index, indices)
+        raw = self.frames.read_frames(row.blob, index, [i + 1 for i in indices], index.transfer_syntax)
+        return render_frames(raw, index, meta, _bulk_reader(path, json.loads(row.bulk)), media, params)
 
     def rows(self, tenant: str, target: Target) -> list:
         """The instance rows of a study, series or instance (no metadata); NOT_FOUND when there are none."""
@@ -305,27 +276,35 @@ class RenderService:
         return rows
 
 
-def render_instance(blob: _Blob, index: FrameIndex, meta: dict[str, Any], bulk: dict[str, Any], media: str,
-                    params: RenderParams, indices: list[int] | None) -> bytes:
-    """Decode the frames of one instance and render them (PS3.18 8.3.5.1); only those frames are read."""
-    if indices is None:
-        indices = list(range(len(index.spans))) if media == GIF else [0]
+def check_gif_size(index: FrameIndex, indices: list[int]) -> None:
+    """NOT_ACCEPTABLE when the frames of one rendering exceed MAX_GIF_PIXELS together (memory bound)."""
     if len(indices) * index.desc.rows * index.desc.columns > MAX_GIF_PIXELS:
         raise ServerError(ErrorKind.NOT_ACCEPTABLE, f"{len(indices)} frames are too many for one animated GIF; "
                           "ask for fewer frames (frames/{list}/rendered)")
-    frames = [transcode.decode_frame(read_frame(blob, index.spans[i]), index.transfer_syntax, index.desc)
-              for i in indices]
-    presentation = render.presentation_of(meta, _bulk_reader(blob, bulk))
+
+
+def render_frames(raw: Sequence[bytes], index: FrameIndex, meta: dict[str, Any], read_bulk: Callable[[str], bytes],
+                  media: str, params: RenderParams) -> bytes:
+    """Decode stored frames of one instance and render them (PS3.18 8.3.5.1)."""
+    frames = [transcode.decode_frame(data, index.transfer_syntax, index.desc) for data in raw]
+    presentation = render.presentation_of(meta, read_bulk)
     presentation = dataclasses.replace(presentation, photometric=frames[0].desc.photometric_interpretation)
     return render.render([f.pixels for f in frames], presentation, media, params, render.frame_time_ms(meta))
 
 
-def _bulk_reader(blob: _Blob, bulk: dict[str, Any]) -> Callable[[str], bytes]:
-    def read(path: str) -> bytes:
-        location = bulk.get(path)
+def _bulk_reader(path: Path, bulk: dict[str, Any]) -> Callable[[str], bytes]:
+    """Reads a bulk value (e.g. LUT Data) of the blob by the offsets recorded at ingest."""
+    def read(tag_path: str) -> bytes:
+        location = bulk.get(tag_path)
         if location is None:
-            raise ServerError(ErrorKind.INTERNAL, f"bulk data {path} not indexed")
-        return blob.read_at(*location)
+            raise ServerError(ErrorKind.INTERNAL, f"bulk data {tag_path} not indexed")
+        offset, length = location
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+        if len(data) != length:
+            raise ServerError(ErrorKind.INTERNAL, "blob shorter than indexed")
+        return data
     return read
 
 
@@ -347,6 +326,6 @@ def _multipart_of(media: str, parts) -> Rendered:
                     chunks=amultipart_chunks(boundary, parts))
 
 
-__all__ = ["Kind", "RenderService", "Rendered", "Request", "ThumbnailCache", "candidates_of", "read_frame",
-           "kind_of", "negotiate", "parse_query", "render_instance", "representative"]
+__all__ = ["Kind", "RenderService", "Rendered", "Request", "ThumbnailCache", "candidates_of", "check_gif_size", "render_frames",
+           "kind_of", "negotiate", "parse_query", "representative"]
 
