@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
 
 from tests.conftest import auth, make_token
@@ -95,3 +98,38 @@ def test_a_new_level_stored_later_is_seen(client, headers):
     stow(client, headers, [level2])
     r = client.get(f"{_tiles(slide)}/2/0/0", headers=headers)
     assert r.status_code == 200 and r.content == slide.tiles[2][0, 0]
+
+
+def test_a_replaced_level_is_served_once_the_series_is_checked_again(settings):
+    """The pyramid cache follows the series' revision (duplicate policy ``replace``), checked at most once per
+    ``recheck_seconds``; the ETag follows the blob."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import DuplicatePolicy
+
+    app = create_app(settings.model_copy(update={"duplicate_policy": DuplicatePolicy.REPLACE}))
+    headers = auth(make_token(settings))
+    first, second = make_slide(levels=2, seed=1), make_slide(levels=2, seed=2)
+    ds = dcmread(io.BytesIO(second.files["level0.dcm"]))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = first.study_uid, first.series_uid
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = first.sops["level0.dcm"]
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    replacement = out.getvalue()
+    try:
+        with TestClient(app) as client:
+            stow(client, headers, [first.files["level0.dcm"], first.files["level1.dcm"]])
+            url = f"{_tiles(first)}/0/1/1"
+            old = client.get(url, headers=headers)
+            assert old.content == first.tiles[0][1, 1]
+            r = client.post("/dicomweb/studies", content=replacement,
+                            headers={"Content-Type": "application/dicom", **headers})
+            assert r.status_code in (200, 202), r.text
+            assert client.get(url, headers=headers).content == old.content  # within the second: cached
+            app.state.wsi.recheck_seconds = 0
+            new = client.get(url, headers=headers)
+            assert new.content == second.tiles[0][1, 1] != old.content
+            assert new.headers["etag"] != old.headers["etag"]
+    finally:
+        app.state.engine.dispose()
