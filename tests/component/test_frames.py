@@ -301,9 +301,7 @@ def test_no_frames_404(client):
 
 
 def test_other_tenant_404(client):
-    from server.security.tokens import issue
-
-    token = issue(client.app.state.token_key, tenant="site-b", scope="system/*.cruds", ttl_seconds=60)
+    token = issue_token(client.app, "site-b")
     r = client.get(url("CT_small.dcm", "1"), headers={"Accept": OCTET_ANY, "Authorization": f"Bearer {token}"})
     assert r.status_code == 404
 
@@ -401,3 +399,29 @@ def test_instances_too_large_to_transcode_406(client, monkeypatch):
     r = client.get(instance_url("CT_small.dcm"), headers={
         "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.80'})
     assert r.status_code == 406 and "too large" in r.json()["00000902"]["Value"][0]
+
+
+def test_frames_on_both_backends(app, settings):
+    """The stored-syntax, transcoded and ranged paths on SQLite and PostgreSQL (the conftest ``app``)."""
+    names = ["emri_small_jpeg_2k_lossless.dcm", "CT_small.dcm"]
+    with TestClient(app, base_url="http://testserver") as c:
+        c.headers.update(auth(make_token(settings)))
+        body, ctype = multipart([prepared(n) for n in names])
+        assert c.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+        expected = stored_frames(names[0])
+        assert [p for _, p in frames_of(c.get(url(names[0], "3,1"), headers={"Accept": OCTET_ANY}))] == \
+            [expected[2], expected[0]]
+        _, native = frames_of(c.get(url(names[0], "2"), headers={"Accept": "multipart/related; "
+                                                                         'type="application/octet-stream"'}))[0]
+        assert np.array_equal(decode_native(native, names[0]), original(names[0], 2))
+        r = c.get(url(names[1], "1"), headers={"Accept": "application/octet-stream", "Range": "bytes=0-9"})
+        assert r.status_code == 206 and r.content == dataset(names[1]).PixelData[:10]
+        token = issue_token(app, "site-b")
+        r = c.get(url(names[1], "1"), headers={"Accept": OCTET_ANY, "Authorization": f"Bearer {token}"})
+        assert r.status_code == 404
+
+
+def issue_token(app, tenant: str) -> str:
+    from server.security.tokens import issue
+
+    return issue(app.state.token_key, tenant=tenant, scope="system/*.cruds", ttl_seconds=60)
