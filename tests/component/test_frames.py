@@ -425,3 +425,42 @@ def issue_token(app, tenant: str) -> str:
     from server.security.tokens import issue
 
     return issue(app.state.token_key, tenant=tenant, scope="system/*.cruds", ttl_seconds=60)
+
+
+def eot_instance(frames: list[bytes]) -> bytes:
+    """An encapsulated instance with an empty Basic Offset Table, two fragments per frame, no start markers and
+    the Extended Offset Table (PS3.5 A.4, PS3.3 C.7.6.3.1.8): only the EOT can tell the frames apart."""
+    import struct
+
+    ds = dcmread(sample_path("emri_small_jpeg_2k_lossless.dcm"))
+    items, offsets, position = [b"\xfe\xff\x00\xe0\x00\x00\x00\x00"], [], 0
+    for frame in frames:
+        offsets.append(position)
+        half = len(frame) // 2
+        for fragment in (frame[:half], frame[half:]):
+            items.append(b"\xfe\xff\x00\xe0" + struct.pack("<L", len(fragment)) + fragment)
+            position += 8 + len(fragment)
+    ds.PixelData = b"".join(items)
+    ds["PixelData"].is_undefined_length = True
+    ds.NumberOfFrames = len(frames)
+    ds.ExtendedOffsetTable = struct.pack(f"<{len(frames)}Q", *offsets)
+    ds.ExtendedOffsetTableLengths = struct.pack(f"<{len(frames)}Q", *map(len, frames))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (
+        generate_uid(entropy_srcs=["eot", str(len(frames)), level]) for level in ("study", "series", "sop"))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("count", [4, 300])  # EOT inline in the metadata (32 bytes) and as bulk data (2,400 bytes)
+def test_extended_offset_table_frames(client, count):
+    frames = [bytes([i % 251 + 1]) * (8 + 4 * (i % 5)) for i in range(count)]  # even halves (PS3.5 A.4)
+    data = eot_instance(frames)
+    body, ctype = multipart([data])
+    assert client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code == 200
+    ds = dcmread(BytesIO(data), stop_before_pixels=True)
+    base = f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    numbers = [count, 1, count // 2]
+    parts = frames_of(client.get(f"{base}/frames/{','.join(map(str, numbers))}", headers={"Accept": OCTET_ANY}))
+    assert [p for _, p in parts] == [frames[n - 1] for n in numbers]
