@@ -7,8 +7,8 @@ ever substituted: a syntax we cannot produce for an image raises NOT_ACCEPTABLE 
 Decoded colour (PS3.5 8.2.1-8.2.4): a decoder returns RGB for YBR_FULL, YBR_FULL_422, YBR_ICT and YBR_RCT,
 interleaved (Planar Configuration 0); monochrome and palette images keep their Photometric Interpretation.
 So native frames of a compressed colour image are RGB, and an instance transcoded to a native syntax says
-``RGB``. JPEG baseline output is YCbCr without subsampling (``YBR_FULL``, PS3.5 8.2.1); RLE, JPEG-LS and JPEG 2000 output keep
-the decoded interpretation (JPEG 2000 without a colour transform, PS3.5 8.2.4).
+``RGB``. JPEG baseline output is YCbCr without subsampling (``YBR_FULL``, PS3.5 8.2.1); RLE, JPEG-LS and
+JPEG 2000 output keep the decoded interpretation (JPEG 2000 without a colour transform, PS3.5 8.2.4).
 """
 
 from __future__ import annotations

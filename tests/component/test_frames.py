@@ -350,7 +350,8 @@ def test_series_retrieve_transcodes_every_instance_and_keeps_others(client):
     parts = retrieve(client, f"/dicomweb/studies/{study}/series/{series}", "1.2.840.10008.1.2.1")
     assert [ds.file_meta.TransferSyntaxUID for _, ds in parts] == ["1.2.840.10008.1.2.1"]
     [(_, sr)] = retrieve(client, instance_url("test-SR.dcm"), "1.2.840.10008.1.2.4.90")  # no pixels: re-encoded
-    assert sr.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90" and sr.SOPInstanceUID == sample_uids("test-SR.dcm")[2]
+    assert sr.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"
+    assert sr.SOPInstanceUID == sample_uids("test-SR.dcm")[2]
 
 
 @pytest.mark.parametrize("name,ts", [("CT_small.dcm", "1.2.840.10008.1.2.4.50"),  # 16-bit
