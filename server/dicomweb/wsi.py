@@ -151,7 +151,7 @@ class WsiService:
         index = self.frames.frame_index(tenant, ref)
         if not 1 <= number <= len(index.spans):
             raise ServerError(ErrorKind.NOT_FOUND, f"frame {number} of the tile is not in the stored pixel data")
-        [content] = self.frames._read(ref.blob, index, [number], index.transfer_syntax)  # noqa: SLF001
+        [content] = self.frames.read_frames(ref.blob, index, [number], index.transfer_syntax)
         return Tile(content, media_type, etag)
 
     def _entry(self, tenant: str, study: str, series: str, recheck: bool = False) -> SlideEntry:
