@@ -281,8 +281,6 @@ class FrameService:
             os.close(fd)
         return [tc.convert_frame(data, index.transfer_syntax, target_ts, index.desc) for data in raw]
 
-    _read = read_frames  # the name the WSI service used first
-
     def _row(self, tenant: str, study: str, series: str, sop: str):
         rows = self.archive.instances(tenant, study, series, sop)
         if not rows:
