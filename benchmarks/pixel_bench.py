@@ -298,7 +298,7 @@ def bench_target(t: Target, data: dict, args: argparse.Namespace, problems: Prob
 # report
 # ------------------------------------------------------------------------------------------------
 ROWS = [
-    ("HTTP floor: health check p50 / p95 ms (ours /healthz, Orthanc /system)", "floor", "p50_ms", None),
+    ("Health check p50 / p95 ms (ours /healthz: one index ping; Orthanc /system)", "floor", "p50_ms", None),
     ("Frame, CT 512x512 (stored syntax) p50 / p95 ms", "frame_ct", "p50_ms", "p50 ≤ 5 ms"),
     ("Frame, 32-frame 512x512 image p50 / p95 ms", "frame_multi", "p50_ms", "p50 ≤ 5 ms"),
     ("Rendered CT 512x512 (JPEG) p50 / p95 ms", "rendered_ct", "p50_ms", "p50 ≤ 30 ms"),
