@@ -502,6 +502,11 @@ class Pseudonymizer:
             self._uids[uid] = new
         return new
 
+    def patient_link(self, name: str, pid: str) -> PatientLink:
+        """The pseudonym this transfer gives the patient ``name``/``pid`` (remembered in :attr:`mapping`), e.g.
+        to rebuild the map of an earlier transfer with the same secret for :func:`relink`."""
+        return self._patient(name, pid)
+
     def _patient(self, name: str, pid: str) -> PatientLink:
         key = (name, pid)
         link = self._patients.get(key)

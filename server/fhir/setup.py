@@ -15,6 +15,7 @@ from server.fhir.validation import check_content
 from server.fhir.imaging import ImagingStudyProjection, Options
 from server.fhir.service import FhirService, Listener, Projection, Validator
 from server.gateway.orders import OrderListener
+from server.gateway.workflow import ReplyListener
 from server.gateway.sites import Sites
 from server.store.fhir import FhirStore
 from server.store.imaging import ImagingIndex
@@ -27,9 +28,11 @@ def validators(settings: Settings) -> dict[str, Validator]:
 
 def listeners(settings: Settings, engine: Engine, sites: Sites | None = None) -> list[Listener]:
     """Work done in the write transaction of every change (Subscription matching: FHIR R4 subscription.html;
-    a teleconsult ServiceRequest's order Tasks and transfer jobs: ``server.gateway.orders``)."""
+    a teleconsult ServiceRequest's order Tasks and transfer jobs: ``server.gateway.orders``; a received consult's
+    Task reported back to the requesting site: ``server.gateway.workflow``)."""
     audit = [record_audit] if settings.fhir_audit else []
-    return [*audit, OrderListener(settings, engine, sites=sites), SubscriptionListener()]
+    return [*audit, OrderListener(settings, engine, sites=sites), ReplyListener(settings, engine, sites=sites),
+            SubscriptionListener()]
 
 
 def projections(settings: Settings, engine: Engine) -> dict[str, Projection]:
@@ -49,6 +52,6 @@ def build_service(settings: Settings, engine: Engine, *, sites: Sites | None = N
     service = FhirService(FhirStore(engine), validators=validators(settings),
                           listeners=listeners(settings, engine, sites), projections=projections(settings, engine))
     for listener in service.listeners:
-        if isinstance(listener, OrderListener):
+        if isinstance(listener, (OrderListener, ReplyListener)):
             listener.bind(service)
     return service

@@ -137,6 +137,22 @@ STATUSES_BY_BUSINESS_STATUS: Mapping[str, frozenset[str]] = MappingProxyType({
     "report-received": frozenset({S.COMPLETED.value}),
     "failed": frozenset({S.FAILED.value}),
     "aborted": frozenset({S.CANCELLED.value}),
+    # the consultant's answer on the requesting site's order Task (server.gateway.workflow)
+    "consultant-received": frozenset({S.IN_PROGRESS.value}),
+    "consultant-accepted": frozenset({S.IN_PROGRESS.value}),
+    "consultant-working": frozenset({S.IN_PROGRESS.value}),
+    "consultant-on-hold": frozenset({S.IN_PROGRESS.value}),
+    "rejected-by-consultant": frozenset({S.FAILED.value}),
+    "cancelled-by-consultant": frozenset({S.FAILED.value}),
+    "consultant-failed": frozenset({S.FAILED.value}),
+    "completed-by-consultant": frozenset({S.COMPLETED.value}),
+    # a request for prior images (server.gateway.priors), on both sites' Tasks
+    "priors-requested": frozenset({S.REQUESTED.value, S.ACCEPTED.value, S.IN_PROGRESS.value}),
+    "awaiting-approval": frozenset({S.REQUESTED.value, S.IN_PROGRESS.value}),
+    "priors-found": frozenset({S.IN_PROGRESS.value, S.ACCEPTED.value}),
+    "priors-none": frozenset({S.COMPLETED.value}),
+    "priors-sending": frozenset({S.IN_PROGRESS.value}),
+    "priors-received": frozenset({S.IN_PROGRESS.value, S.COMPLETED.value}),
 })
 
 

@@ -88,12 +88,15 @@ def parse_order(data: bytes) -> str:
         resource = json.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadOrder(f"order.json is no JSON: {exc}") from exc
-    if not isinstance(resource, dict) or resource.get("resourceType") != "ServiceRequest":
-        raise BadOrder("order.json is no ServiceRequest")
+    rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+    if rtype not in ("ServiceRequest", "Task"):  # a Task: the consultant's report on our order (a reply set)
+        raise BadOrder("order.json is neither a ServiceRequest nor a Task")
+    stand_in = {"subject": resource.get("subject") or {"display": "patient of the DICOM set"}} \
+        if rtype == "ServiceRequest" else {}
     try:  # the order travels without patient data: subject (1..1 in R4) is checked with a stand-in
-        parse_resource({**resource, "subject": resource.get("subject") or {"display": "patient of the DICOM set"}})
+        parse_resource({**resource, **stand_in})
     except ServerError as exc:
-        raise BadOrder(f"order.json is no valid R4 ServiceRequest: {exc.message}") from exc
+        raise BadOrder(f"order.json is no valid R4 {rtype}: {exc.message}") from exc
     return json.dumps(resource, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -156,7 +159,8 @@ def order_of(set_id: str, sender: str, order_json: str | None, note: str | None,
     if order_json:
         try:
             loaded = json.loads(order_json)
-            resource = loaded if isinstance(loaded, dict) else {}
+            resource = loaded if isinstance(loaded, dict) and loaded.get("resourceType", "ServiceRequest") \
+                == "ServiceRequest" else {}  # a Task is a reply, no order
         except ValueError:
             log.warning("set %s from %s: stored order.json is no JSON: ignored", set_id, sender)
     identifier = legacy_identifier

@@ -197,6 +197,23 @@ def recipient_of(service: FhirService, tenant: str, reference: str, *,
                                    now=now)
 
 
+def recipient_by_address(service: FhirService, tenant: str, address: str, *,
+                         default_max_mail_size: int = DEFAULT_MAX_MAIL_SIZE) -> Recipient:
+    """The DICOM e-mail recipient of the site ``address`` in ``tenant``'s directory (its active Endpoint with that
+    address, the first by id): where replies to a site that sent us an order go. NOT_FOUND when there is none."""
+    want = normalize_address(address)
+    query = [("address", f"mailto:{want}".replace(",", "\\,")),
+             ("connection-type", f"{CONNECTION_TYPES}|{DICOM_EMAIL}"), ("status", "active")]
+    with service.store.transaction(tenant, write=False) as tx:
+        endpoints = _Reader(service, tx, system_principal(tenant)).search("Endpoint", query)
+    endpoints = sorted((e for e in endpoints if isinstance(e.get("address"), str)
+                        and normalize_address(e["address"]) == want), key=lambda e: str(e.get("id")))
+    if not want or not endpoints:
+        raise ServerError(ErrorKind.NOT_FOUND, f"no active DICOM e-mail Endpoint with the address {want or '?'} in "
+                          "the directory", parameter="Endpoint.address")
+    return recipient_from_endpoint(endpoints[0], default_max_mail_size=default_max_mail_size)
+
+
 def sender_keys(service: FhirService, tenant: str, address: str) -> list[PublicKey]:
     """The OpenPGP public keys of the active dicom-email Endpoints of ``address`` in ``tenant``'s directory: the
     keys a mail from that address may be signed with (DESIGN.md 4: keys come from the directory, never guessed).

@@ -42,7 +42,8 @@ from server.gateway.consults import BadOrder, consult_for_set, is_order_part, no
 from server.gateway.directory import sender_keys
 from server.gateway.policy import send_policy
 from server.gateway.sites import Site, Sites, normalize_address
-from server.mail.drg import MailKind, Outer, check_set, parse_inner, parse_outer, read_outer
+from server.gateway.workflow import Reply, Workflow
+from server.mail.drg import MailKind, Message, Outer, check_set, parse_decrypted, parse_outer, read_outer
 from server.mail.mdn import Disposition, disposition_for, parse_mdn
 from server.mail.mime import Defect, MailError, domain_of
 from server.mail.partial import join
@@ -66,6 +67,7 @@ class Reason(str, enum.Enum):
     MALFORMED = "malformed"  # broken MIME, armor, packets or fragments
     NOT_DICOM = "not-dicom"  # no (single) DICOM part, or the part is no parsable DICOM file
     BAD_SET = "bad-set"  # X-TELEMEDICINE set headers missing, inconsistent or contradicting the set
+    BAD_MESSAGE = "bad-message"  # a workflow message that is malformed or names no order of ours sent to its sender
 
 
 # OpenPGP failures -> reason; first match wins (subclasses before their bases).
@@ -95,6 +97,7 @@ REASON_BY_DEFECT: dict[Defect, Reason] = {
     Defect.SET_PART_OUT_OF_RANGE: Reason.BAD_SET,
     Defect.SET_HEADER_SYNTAX: Reason.BAD_SET,
     Defect.SET_MISMATCH: Reason.TAMPERED,
+    Defect.WORKFLOW_PART: Reason.BAD_MESSAGE,
 }
 
 # Column sizes of the gateway tables (server/store/gateway_models.py): longer peer values are never stored.
@@ -205,6 +208,7 @@ class Inbound:
         self.policy = send_policy(settings)
         self._keys: dict[tuple[str, str], tuple[float, list]] = {}  # (tenant, address) -> (expiry, keys)
         self._keys_lock = threading.Lock()
+        self.workflow = Workflow(settings, engine, blobs, archive, fhir, sites, clock=clock)
 
     def sender_keys(self, tenant: str, address: str) -> list:
         """The directory keys of ``address`` in ``tenant`` (server.gateway.directory.sender_keys), kept for
@@ -374,7 +378,10 @@ class Inbound:
                           f"no key for {strict.sender} in the directory")
         assert strict.encrypted is not None
         decrypted = decrypt_and_verify(strict.encrypted, [site.key], keys)
-        inner = parse_inner(decrypted.data)
+        inner = parse_decrypted(decrypted.data)
+        if isinstance(inner, Message):
+            self._message(mail, strict, inner)
+            return
         order_json, note, others = self._order_parts(mail.message_id, inner.parts)
         if others:  # e.g. a PDF report beside the instance (DRG profile): not kept yet
             log.info("mail %s: %d non-DICOM part(s) (%s) not kept", mail.message_id, len(others),
@@ -422,6 +429,25 @@ class Inbound:
                 log.info("set %s of %s was imported concurrently", s.set_id, site.tenant)
         elif s.state == gw.IMPORTED and not result.duplicate:  # a late part of a set an operator imported
             self._index(site.tenant, s, [gw.Part(info.part, parsed.sop_instance_uid, sha, mail.message_id)])
+
+    def _message(self, mail: _Mail, strict: Outer, message: Message) -> None:
+        """A workflow message (server.gateway.workflow): applied (idempotent), then acknowledged. Its raw mail is
+        durable before the FHIR write; a crash before the receipt is queued means no 250: the peer resends."""
+        site = mail.site
+        if _raw_deferred(mail.strict):
+            self.blobs.sync([mail.sha256])
+        try:
+            self.workflow.receive(site.tenant, strict.sender or "", message.resource)
+        except ServerError as exc:
+            if exc.kind not in (ErrorKind.INVALID, ErrorKind.NOT_FOUND, ErrorKind.CONFLICT, ErrorKind.UNSUPPORTED):
+                raise
+            raise Refused(Reason.BAD_MESSAGE, exc.kind, exc.message) from exc
+        mdn = self._mdn(site, mail.outer or strict, disposition_for(None), None)
+        gw.set_inbound_state(self.engine, site.tenant, mail.message_id, STORED)
+        if mdn is not None:
+            gw.enqueue_mdn(self.engine, site.tenant, mdn, self.clock())
+            self._woken(mdn)
+        log.info("workflow message %s from %s for %s applied", mail.message_id, strict.sender, site.tenant)
 
     @staticmethod
     def _order_parts(message_id: str, parts) -> tuple[str | None, str | None, list]:
@@ -492,26 +518,42 @@ class Inbound:
         if s.state not in allowed:
             raise ServerError(ErrorKind.CONFLICT, f"inbound set {s.set_id} is {s.state}, it cannot be imported")
         parts = gw.set_parts(self.engine, tenant, set_pk)
+        reply = self.workflow.reply_for(tenant, s)
+        if reply is not None:  # the consultant's answer to one of our orders: back to the real patient first
+            parts = self.workflow.relinked(tenant, reply, parts)
         self._index(tenant, s, parts)
         done = gw.mark_set_imported(self.engine, tenant, set_pk, self.clock(), operator=operator)
         log.info("set %s from %s imported for %s: %d of %d parts", s.set_id, s.sender, tenant, len(parts), s.total)
-        return self.consult(tenant, done, parts)
+        return self.consult(tenant, done, parts, reply)
 
     def retry_consult(self, tenant: str, set_pk: int) -> gw.SetRow:
         """Create the consult of an imported set whose consult failed before (nothing happens when it exists)."""
         s = gw.get_set(self.engine, tenant, set_pk)
         if s.state != gw.IMPORTED:
             raise ServerError(ErrorKind.CONFLICT, f"inbound set {s.set_id} is {s.state}, not imported")
-        return self.consult(tenant, s, gw.set_parts(self.engine, tenant, set_pk))
+        parts = gw.set_parts(self.engine, tenant, set_pk)
+        reply = self.workflow.reply_for(tenant, s)
+        if reply is not None:
+            parts = self.workflow.relinked(tenant, reply, parts)
+        return self.consult(tenant, s, parts, reply)
 
-    def consult(self, tenant: str, s: gw.SetRow, parts: list[gw.Part]) -> gw.SetRow:
-        """The consult (ServiceRequest + Task, issue 5) of an imported set, created once and recorded on the set.
+    def consult(self, tenant: str, s: gw.SetRow, parts: list[gw.Part], reply: Reply | None = None) -> gw.SetRow:
+        """The consult (ServiceRequest + Task, issue 5) of an imported set, created once and recorded on the set;
+        for a ``reply`` to one of our orders, its DiagnosticReports and the completed order Task instead.
 
         A failure is logged with its reason and leaves the set imported without a consult (``consult_task``
         empty: the operator sees it and ``retry_consult`` tries again); it never undoes the import.
         """
         if s.consult_task or not parts:
             return s
+        if reply is not None:
+            try:
+                return self.workflow.complete_reply(tenant, s, parts, reply)
+            except Exception as exc:  # noqa: BLE001 - the import stands; the operator retries
+                message = exc.message if isinstance(exc, ServerError) else repr(exc)
+                log.error("set %s from %s for %s: the reply was imported, but not recorded on the order: %s",
+                          s.set_id, s.sender, tenant, message, exc_info=not isinstance(exc, ServerError))
+                return s
         try:
             path = self.blobs.path_of(parts[0].blob_sha256)
             parsed = parse_part10(path)

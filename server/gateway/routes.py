@@ -63,11 +63,11 @@ def _time(seconds: float | None) -> str | None:
 def _job(view: JobView) -> dict:
     j = view.job
     body = {
-        "id": j.job_id, "state": j.state, "study": j.study_uid,
+        "id": j.job_id, "kind": j.kind, "state": j.state, "study": j.study_uid,
         "recipient": {"address": j.recipient_address, "endpoint": j.recipient_endpoint,
                       "fingerprint": j.recipient_fingerprint},
         "sender": j.sender_address, "setId": j.set_id,
-        "images": j.total, "sent": j.sent, "acknowledged": j.acknowledged, "failed": j.failed,
+        "images": 0 if j.is_message else j.total, "sent": j.sent, "acknowledged": j.acknowledged, "failed": j.failed,
         "patientName": j.patient_name, "studyDescription": j.study_description, "studyDate": j.study_date,
         "priority": priority_code(j.priority), "emergency": j.priority == Priority.STAT,
         "error": j.error, "created": _time(j.created), "updated": _time(j.updated), "task": view.task,

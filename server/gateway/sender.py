@@ -49,7 +49,7 @@ from server.gateway.jobs import Priority
 from server.gateway.orders import mail_parts, sweep_waiting
 from server.gateway.policy import send_policy
 from server.gateway.sites import Sites
-from server.mail.drg import build_instance_mail
+from server.mail.drg import build_message_mail, build_instance_mail
 from server.mail.mdn import Disposition, build_mdn, original_from_header
 from server.mail.mime import domain_of
 from server.mail.partial import split
@@ -168,7 +168,8 @@ class Sender:
             key = (job.tenant, job.recipient_endpoint)
             if key not in recipients:
                 recipients[key] = _guarded(self._recipient, job, f"directory lookup of job {job.job_id}")
-        blobs = {pk: _guarded(self._blobs_of, job, f"archive lookup of job {job.job_id}") for pk, job in jobs.items()}
+        blobs = {pk: _guarded(self._blobs_of, job, f"archive lookup of job {job.job_id}") if not job.is_message
+                 else {} for pk, job in jobs.items()}
         return _Lookups(recipients, blobs)
 
     def _recipient(self, job: Job) -> Recipient:
@@ -225,6 +226,15 @@ class Sender:
         mail, job = claimed.mail, claimed.job
         site = self.sites.of_tenant(job.tenant)
         recipient = _value(lookups.recipients[(job.tenant, job.recipient_endpoint)])
+
+        def encrypt(inner: bytes) -> bytes:
+            return encrypt_and_sign(inner, [recipient.public_key], site.key, compress=False)
+        if job.is_message:  # a workflow message (Task state, priors request): its FHIR JSON, no DICOM
+            raw = build_message_mail(
+                (job.order_json or "").encode("utf-8"), sender=job.sender_address, recipient=job.recipient_address,
+                mdn_to=job.sender_address, subject=self.settings.mail_subject, message_id=mail.message_id,
+                emergency=job.priority >= Priority.STAT, encrypt=encrypt)
+            return split(raw, job.max_mail_size or recipient.max_mail_size), 0
         blob = _value(lookups.blobs[job.pk]).get(mail.sop_instance_uid)
         if blob is None:
             raise ServerError(ErrorKind.NOT_FOUND, f"instance {mail.sop_instance_uid} is no longer in the archive "
@@ -237,8 +247,7 @@ class Sender:
             dicom, sop_instance_uid=sop_uid, study_uid=study_uid, set_id=job.set_id,
             set_part=mail.set_part, set_total=job.total, sender=job.sender_address, recipient=job.recipient_address,
             mdn_to=job.sender_address, subject=self.settings.mail_subject, message_id=mail.message_id,
-            emergency=job.priority >= Priority.STAT, parts=mail_parts(job),
-            encrypt=lambda inner: encrypt_and_sign(inner, [recipient.public_key], site.key, compress=False))
+            emergency=job.priority >= Priority.STAT, parts=mail_parts(job), encrypt=encrypt)
         return split(raw, job.max_mail_size or recipient.max_mail_size), len(dicom)
 
     def _deidentified(self, job: Job, dicom: bytes) -> tuple[bytes, str, str]:

@@ -237,6 +237,10 @@ def _mirror_job(fhir: FhirService, conn, job: gw.Job, base: str) -> None:
 #: leaves it ``in-progress`` with ``delivered`` (waiting for the consultant's reply).
 ORDER_BY_TRANSFER: dict[str, TaskState] = {"ready": TaskState("requested", "transfer-queued"),
                                            "completed": TaskState("in-progress", "delivered")}
+#: businessStatus codes of an order Task that report the consultant's answer (server.gateway.workflow)
+CONSULTANT_CODES = frozenset({"consultant-received", "consultant-accepted", "consultant-working",
+                              "consultant-on-hold", "rejected-by-consultant", "cancelled-by-consultant",
+                              "consultant-failed", "completed-by-consultant", "report-received"})
 #: businessStatus of an order Task's status passed on the way (requested -> accepted -> in-progress ...).
 ORDER_INTERMEDIATE: dict[str, str] = {"accepted": "transfer-queued", "in-progress": "transfer-running",
                                       "on-hold": "transfer-paused"}
@@ -255,6 +259,9 @@ def follow_order(fhir: FhirService, tx: FhirTx, job: gw.Job, transfer: TaskState
         return
     old = stored.resource()
     wanted = order_state(transfer)
+    codes = {c.get("code") for c in (old.get("businessStatus") or {}).get("coding") or ()}
+    if wanted.status == "in-progress" and codes & CONSULTANT_CODES:
+        return  # the consultant's answer (server.gateway.workflow) arrived before our last receipt: it stands
     path = steps(old.get("status"), wanted, ORDER_INTERMEDIATE)
     if path is None:
         return

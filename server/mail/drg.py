@@ -64,6 +64,9 @@ PRIORITY = "X-TELEMEDICINE-PRIORITY"
 DNT = "Disposition-Notification-To"
 DNT_ALIAS = "X-TELEMEDICINE-DISPOSITION-NOTIFICATION-TO"  # seen from older gateways (DESIGN.md 4)
 DEFAULT_SUBJECT = "DICOM-eMail"
+WORKFLOW = "X-TELERAD-WORKFLOW"  # "1": a workflow message between telerad-bridge sites (build_message_mail)
+WORKFLOW_TYPE, WORKFLOW_FILENAME = "application/fhir+json", "workflow.json"
+MAX_MESSAGE_BYTES = 256 * 1024
 PGP_PROTOCOL = "application/pgp-encrypted"
 DICOM_TYPE = "application/dicom"
 # Emergency ("Notfall") flag: our own header plus the common MUA priority headers (RFC 2156 5.3, de facto X-Priority)
@@ -198,9 +201,43 @@ def build_instance_mail(
     info = SetInfo(set_id, set_part, set_total, study_uid)
     flags = _emergency_headers(emergency)
     inner = build_inner(dicom, f"{sop_instance_uid}.dcm", info, parts, flags)
-    payload = _armored(encrypt(inner))
     head = _outer_header(sender=sender, recipient=recipient, mdn_to=mdn_to, info=info, flags=flags,
                          extra=extra_headers or {}, message_id=message_id, subject=subject, now=now)
+    return _pgp_mime(head, _armored(encrypt(inner)))
+
+
+def build_message_mail(
+    resource: bytes,
+    *,
+    sender: str,
+    recipient: str,
+    mdn_to: str,
+    encrypt: Callable[[bytes], bytes],
+    subject: str = DEFAULT_SUBJECT,
+    message_id: str | None = None,
+    emergency: bool = False,
+    now: datetime | None = None,
+) -> bytes:
+    """A workflow message between telerad-bridge sites: one FHIR JSON resource (a Task state report, a priors
+    request), signed and encrypted like a DICOM e-mail (RFC 3156 4) and acknowledged by MDN, but with no DICOM
+    part and no set headers. The inner entity carries ``X-TELERAD-WORKFLOW: 1`` (signed, authoritative); the
+    outer copy lets a gateway see what it is before decrypting. Only sent to sites that sent us an order.json
+    (they speak it); a legacy DRG gateway would refuse it as not-DICOM."""
+    if not resource or len(resource) > MAX_MESSAGE_BYTES:
+        raise ServerError(ErrorKind.INVALID, f"a workflow message carries 1 to {MAX_MESSAGE_BYTES} bytes of FHIR JSON",
+                          parameter="resource")
+    flags = _emergency_headers(emergency)
+    boundary = new_boundary()
+    part = _render_part(Part(WORKFLOW_TYPE, resource, filename=WORKFLOW_FILENAME))
+    inner = (params_header("Content-Type", "multipart/mixed", {"boundary": boundary}) + header(WORKFLOW, "1")
+             + flags + CRLF + _multipart(boundary, [part]))
+    head = _outer_header(sender=sender, recipient=recipient, mdn_to=mdn_to, info=None, flags=flags,
+                         extra={WORKFLOW: "1"}, message_id=message_id, subject=subject, now=now)
+    return _pgp_mime(head, _armored(encrypt(inner)))
+
+
+def _pgp_mime(head: bytes, payload: bytes) -> bytes:
+    """The outer multipart/encrypted entity around an armored payload (RFC 3156 4)."""
     boundary = new_boundary()
     body = _multipart(boundary, [
         (params_header("Content-Type", PGP_PROTOCOL, {}) +
@@ -255,7 +292,7 @@ def _emergency_headers(emergency: bool) -> bytes:
     return b"".join(header(n, v) for n, v in EMERGENCY_HEADERS) if emergency else b""
 
 
-def _outer_header(*, sender: str, recipient: str, mdn_to: str, info: SetInfo, flags: bytes,
+def _outer_header(*, sender: str, recipient: str, mdn_to: str, info: SetInfo | None, flags: bytes,
                   extra: Mapping[str, str], message_id: str | None, subject: str, now: datetime | None) -> bytes:
     """The outer header fields, routing fields first and RFC 2046 5.2.2 special fields last. RFC 5322 3.6."""
     for name, param in ((sender, "sender"), (recipient, "recipient"), (mdn_to, "mdn_to")):
@@ -269,7 +306,7 @@ def _outer_header(*, sender: str, recipient: str, mdn_to: str, info: SetInfo, fl
     date = format_datetime(now or datetime.now(timezone.utc))
     return b"".join([
         text_header("From", sender), text_header("To", recipient), header("Date", date), header(DNT, mdn_to),
-        info.render(), flags, *(header(n, v) for n, v in extra.items()),
+        info.render() if info is not None else b"", flags, *(header(n, v) for n, v in extra.items()),
         header("Message-ID", mid), text_header("Subject", subject), header("MIME-Version", "1.0"),
     ])
 
@@ -362,6 +399,33 @@ def _outer(entity: Entity, kind: MailKind, *, encrypted: bytes | None = None,
         fragment=fragment,
         references=tuple(f"<{r}>" for r in re.findall(r"<([^<>\s]+)>", refs)),
     )
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decrypted workflow message (``build_message_mail``): its FHIR JSON resource, undecoded."""
+
+    resource: bytes
+    fields: tuple[Field, ...]
+    emergency: bool
+
+
+def parse_decrypted(plaintext: bytes) -> Inner | Message:
+    """The decrypted entity of an encrypted mail: a workflow message when its signed header says so (exactly one
+    ``application/fhir+json`` part), else a DICOM instance mail (``parse_inner``)."""
+    raw = canonical(plaintext)
+    check_lines(raw)
+    entity = split_entity(raw)
+    if (entity.get(WORKFLOW) or "").strip() != "1":
+        return parse_inner(raw)
+    ctype, params = content_type(entity.get("content-type"))
+    if ctype != "multipart/mixed":
+        raise MailError(Defect.INNER_NOT_MULTIPART, parameter="Content-Type", detail=ctype)
+    parts = [_part(p) for p in multipart_parts(entity.body, params.get("boundary"))]
+    found = [p for p in parts if p.content_type == WORKFLOW_TYPE]
+    if len(found) != 1 or len(found[0].data) > MAX_MESSAGE_BYTES:
+        raise MailError(Defect.WORKFLOW_PART, parameter=WORKFLOW_TYPE, detail=f"{len(found)} parts")
+    return Message(resource=found[0].data, fields=entity.fields, emergency=is_emergency(entity))
 
 
 def parse_inner(plaintext: bytes) -> Inner:

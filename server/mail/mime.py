@@ -45,6 +45,7 @@ class Defect(enum.Enum):
     DICOM_ENCODING = "application/dicom part must be base64 encoded (RFC 2045 6.8)"
     DICOM_NOT_BASE64 = "application/dicom part is not valid base64 (RFC 2045 6.8)"
     NOT_DICOM = "application/dicom part is not a DICOM file (PS3.10 7.1: 128-byte preamble and DICM)"
+    WORKFLOW_PART = "a workflow message must carry exactly one application/fhir+json part of at most 256 KiB"
     PART_ENCODING = "part has an unknown or undecodable Content-Transfer-Encoding (RFC 2045 6)"
     SET_HEADER_MISSING = "X-TELEMEDICINE set header missing (DRG profile)"
     SET_HEADER_DUPLICATE = "X-TELEMEDICINE set header given twice (DRG profile)"

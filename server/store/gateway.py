@@ -48,6 +48,7 @@ MDN_PENDING, MDN_SENT, MDN_DEAD = "pending", "sent", "dead"
 NEW, DUPLICATE, UNKNOWN, RECORDED = "new", "duplicate", "unknown", "recorded"
 # inbound_mail states of received receipts
 INBOUND_MDN, INBOUND_MDN_UNKNOWN = "mdn", "mdn-unknown"
+JOB_TRANSFER, JOB_MESSAGE = "transfer", "message"  # transfer_job.kind
 
 
 # ---- values --------------------------------------------------------------------------------------------------
@@ -78,6 +79,7 @@ class NewJob:
     deid_secret: str | None = None  # anonymised: the per-job secret (hex), never sent
     deid_options: str | None = None  # anonymised: the Annex E options (JSON)
     report_blob: str | None = None  # with-report: blob of the Encapsulated PDF made from a DiagnosticReport
+    kind: str = "transfer"  # JOB_TRANSFER, or JOB_MESSAGE: one mail with ``order_json`` and no DICOM
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,12 @@ class Job:
     deid_secret: str | None = None
     deid_options: str | None = None
     report_blob: str | None = None
+    kind: str = "transfer"
+
+    @property
+    def is_message(self) -> bool:
+        """A workflow message (one mail carrying ``order_json``), not a transfer of DICOM instances."""
+        return self.kind == JOB_MESSAGE
 
     @property
     def options(self) -> frozenset[str]:
@@ -272,15 +280,18 @@ def store_blob(blobs: BlobStore, data: bytes) -> str:
 # ---- jobs ----------------------------------------------------------------------------------------------------
 def create_job(engine: Engine, tenant: str, new: NewJob, now: float, also: JobHook | None = None) -> Job:
     """Queue a job with one mail per instance (parts 1..N) in one transaction; ``also`` runs in it too."""
-    if not new.instances:
-        raise invalid("a transfer job needs at least one instance")
     with writer(engine).begin() as conn:
         return create_job_in(conn, tenant, new, now, also)
 
 
 def create_job_in(conn: Connection, tenant: str, new: NewJob, now: float, also: JobHook | None = None) -> Job:
-    """``create_job`` inside the caller's transaction (e.g. the FHIR write of the order that causes it)."""
-    if not new.instances:
+    """``create_job`` inside the caller's transaction (e.g. the FHIR write of the order that causes it). A message
+    job (``kind`` JOB_MESSAGE) has no instances and one mail (part 1 of 1, no SOP Instance UID) for ``order_json``."""
+    if new.kind == JOB_MESSAGE:
+        if new.instances or not new.order_json:
+            raise invalid("a message job carries its order_json and no instances")
+        new = dataclasses.replace(new, instances=("",))
+    elif not new.instances:
         raise invalid("a transfer job needs at least one instance")
     job_id = new.job_id or uuid.uuid4().hex
     values = {f.name: getattr(new, f.name) for f in dataclasses.fields(NewJob)
@@ -325,6 +336,28 @@ def job_mails(engine: Engine, tenant: str, job_id: str) -> list[Mail]:
         rows = conn.execute(select(M).where(M.c.tenant == tenant, M.c.job_pk == job.pk)
                             .order_by(M.c.set_part)).all()
     return [_mail(r) for r in rows]
+
+
+def order_jobs(conn: Connection | Engine, tenant: str, order_ref: str, recipient_address: str | None = None) -> list[Job]:
+    """The jobs (transfers and messages) an order (``ServiceRequest/<id>``) caused, to ``recipient_address`` when
+    given (any case), oldest first."""
+    cond = [J.c.tenant == tenant, J.c.order_ref == order_ref]
+    if recipient_address is not None:
+        cond.append(func.lower(J.c.recipient_address) == recipient_address.lower())
+    stmt = select(J).where(*cond).order_by(J.c.created, J.c.pk)
+    if isinstance(conn, Engine):
+        with conn.connect() as c:
+            return [_job(r) for r in c.execute(stmt).all()]
+    return [_job(r) for r in conn.execute(stmt).all()]
+
+
+def consult_set_instances(conn: Connection, tenant: str, task_id: str) -> set[str] | None:
+    """The SOP Instance UIDs of the inbound set whose consult Task is ``task_id`` (None: no such set)."""
+    found = conn.execute(select(ST.c.pk).where(ST.c.tenant == tenant, ST.c.consult_task == task_id)).first()
+    if found is None:
+        return None
+    rows = conn.execute(select(PT.c.sop_instance_uid).where(PT.c.tenant == tenant, PT.c.set_pk == found.pk)).all()
+    return {r.sop_instance_uid for r in rows if r.sop_instance_uid}
 
 
 def list_jobs(engine: Engine, tenant: str, states: Collection[str] | None = None, *, offset: int = 0,

@@ -57,6 +57,8 @@ class TransferJob(SQLModel, table=True):
     deid_secret: str | None = Field(default=None, max_length=128)  # anonymised: per-job secret (hex), never sent
     deid_options: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # Annex E options JSON
     report_blob: str | None = Field(default=None, max_length=64)  # with-report: the Encapsulated PDF made for it
+    # "transfer": DICOM instances, one mail each; "message": one mail carrying ``order_json`` (a FHIR resource) only
+    kind: str = Field(default="transfer", max_length=16, sa_column_kwargs={"server_default": "transfer"})
 
 
 class OutboundMail(SQLModel, table=True):

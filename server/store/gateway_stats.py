@@ -30,7 +30,7 @@ def _range(column, lo: float | None, hi: float | None) -> list:
 def sent_transfers(engine: Engine, tenant: str, lo: float | None = None, hi: float | None = None, *,
                    address: str | None = None, endpoint: str | None = None) -> list[Transfer]:
     """The tenant's jobs created in [lo, hi) (to ``address`` or ``Endpoint/x`` when given), one row each."""
-    cond = [J.c.tenant == tenant, *_range(J.c.created, lo, hi)]
+    cond = [J.c.tenant == tenant, J.c.kind == "transfer", *_range(J.c.created, lo, hi)]  # not messages
     partner = []
     if address is not None:
         partner.append(func.lower(J.c.recipient_address) == address.lower())

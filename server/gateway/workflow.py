@@ -1,0 +1,618 @@
+"""The consultant's answer travels back (issue 5; DESIGN.md 1 flow 4): Task states and reports from B to A.
+
+At the consulting site B, ``ReplyListener`` (a FHIR write listener) watches the consult Tasks made for received
+orders (``server.gateway.consults``). When B's EHR moves one, in the same transaction:
+
+* accepted, in-progress, on-hold, rejected, cancelled, failed, or completed without a report: a **workflow
+  message** job (``transfer_job.kind`` = message) to A: one signed+encrypted mail
+  (``server.mail.drg.build_message_mail``) whose ``workflow.json`` is the consult Task as A needs it
+  (``status_report``: status, statusReason, businessStatus, note, output; ``basedOn`` A's order identifier
+  ``<A's ServiceRequest id>@<A's address>``; no patient data);
+* completed with a report: a **reply set**, a transfer job of the report instances into B's copy of the study
+  (pseudonymised when A anonymised it): the PDF of a ``DiagnosticReport`` (``Task.output`` or ``basedOn`` the
+  consult's ServiceRequest) as an Encapsulated PDF instance, and the SR / Encapsulated PDF instances stored to the
+  study at B after the order arrived; every mail carries the Task report as its ``order.json`` part.
+
+Consults of legacy DRG gateways (no order of theirs) get no messages (they would refuse them), only the reply set
+as plain DICOM.
+
+At the requesting site A, ``Workflow`` receives both (``Inbound`` calls it):
+
+* ``receive``: a workflow message; a Task report on one of our orders moves the order Task (``order_state``,
+  along legal transitions; ``steps``). The order must name our address and have been sent to the (signed)
+  sender: otherwise INVALID / NOT_FOUND, the mail is quarantined as ``bad-message``.
+* ``reply_for`` / ``relinked`` / ``complete_reply``: a complete reply set is re-linked to the real patient and
+  study (``server.dicom.deidentify.relink`` with the map rebuilt from the order job's secret: the same keyed
+  derivation the sender used), imported, and becomes a ``DiagnosticReport`` (``basedOn`` A's ServiceRequest,
+  subject A's patient, ``imagingStudy`` the real study, ``presentedForm`` the PDF); the order Task is completed
+  with businessStatus ``report-received`` and the reports as output. Idempotent (identifier = the report's SOP
+  Instance UID; the set remembers it was handled).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pydicom
+
+from server.config import Settings
+from server.dicom.deidentify import Options as DeidOptions, Pseudonymizer, PseudonymMap, relink
+from server.dicom.encapsulate import (MAX_TITLE, encapsulated_pdf, extract_pdf, pdf_from_fhir_attachment,
+                                      study_context_from)
+from server.dicom.parse import parse_part10
+from server.errors import ErrorKind, ServerError
+from server.fhir.model import parse_resource
+from server.fhir.service import FhirService
+from server.fhir.task import BUSINESS_STATUS_SYSTEM, TaskState
+from server.gateway.directory import Recipient, recipient_by_address, system_principal
+from server.gateway.jobs import priority_of
+from server.gateway.orders import EXTRA_PARTS_VERSIONS, REPORT_SOP_PREFIXES, REPORT_TITLE
+from server.gateway.service import new_job
+from server.gateway.sites import Sites, normalize_address
+from server.gateway.tasks import CONSULTANT_CODES, ORDER_INTERMEDIATE, instant, steps, task_hook
+from server.security.tokens import Principal
+from server.store import gateway as gw
+from server.store.archive import Archive
+from server.store.blobs import BlobStore
+from server.store.fhir import FhirTx, Stored
+from server.store.imaging import ImagingIndex
+
+log = logging.getLogger(__name__)
+
+BASE = "https://telerad-bridge.de/fhir"
+ORDER_SYSTEM = f"{BASE}/sid/order"  # "<A's ServiceRequest id>@<A's address>" (server.gateway.orders)
+SET_SYSTEM = f"{BASE}/sid/drg-set"
+CONSULT_TASK_SYSTEM = f"{BASE}/sid/consult-task"  # B's consult Task as it travels: "<Task id>@<B's address>"
+TASK_PROFILE = f"{BASE}/StructureDefinition/teleconsult-task"
+CONSULT_KIND_SYSTEM = f"{BASE}/CodeSystem/consult-kind"
+DICOM_UID_SYSTEM, OID_PREFIX = "urn:dicom:uid", "urn:oid:"
+LOINC = "http://loinc.org"
+REPORT_CODE = {"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}
+REPORT_CATEGORY = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD",
+                               "display": "Radiology"}]}
+PDF = "application/pdf"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+
+#: B's consult Task status -> A's order Task (status, businessStatus). ``completed`` with a report arrives as the
+#: reply set instead (``REPORT_RECEIVED``).
+ORDER_BY_CONSULT: dict[str, TaskState] = {
+    "received": TaskState("in-progress", "consultant-received"),
+    "accepted": TaskState("in-progress", "consultant-accepted"),
+    "in-progress": TaskState("in-progress", "consultant-working"),
+    "on-hold": TaskState("in-progress", "consultant-on-hold"),
+    "rejected": TaskState("failed", "rejected-by-consultant"),
+    "cancelled": TaskState("failed", "cancelled-by-consultant"),
+    "failed": TaskState("failed", "consultant-failed"),
+    "completed": TaskState("completed", "completed-by-consultant"),
+}
+REPORT_RECEIVED = TaskState("completed", "report-received")
+#: statusReason of A's failed order Task when B gave none (tb-task-1: a failed Task says why)
+REASON_TEXT = {"rejected": "vom Konsiliarius abgelehnt", "cancelled": "vom Konsiliarius abgebrochen",
+               "failed": "beim Konsiliarius gescheitert"}
+#: B's statuses reported to A (a new consult is ``requested``; ``draft``/``ready`` never happen to it)
+REPORTED = frozenset(ORDER_BY_CONSULT) - {"completed"}
+MAX_TEXT = 1000
+
+
+# ---- pure ---------------------------------------------------------------------------------------------------
+def split_order_identifier(value: object) -> tuple[str, str] | None:
+    """``<ServiceRequest id>@<site address>`` -> (id, normalized address); None when it is not one."""
+    if not isinstance(value, str) or "@" not in value or len(value) > 512:
+        return None
+    rid, _, address = value.partition("@")
+    address = normalize_address(address)
+    if not rid or "@" not in address:
+        return None
+    return rid, address
+
+
+def order_identifier_of(resource: dict, system: str = ORDER_SYSTEM) -> str | None:
+    """The value of a resource's identifier in ``system`` (the first)."""
+    for ident in resource.get("identifier") or ():
+        if isinstance(ident, dict) and ident.get("system") == system and isinstance(ident.get("value"), str):
+            return ident["value"]
+    return None
+
+
+def is_legacy(sr: dict) -> bool:
+    """A consult received from a legacy DRG gateway: its order identifier is the set's (no order.json came)."""
+    order, drg_set = order_identifier_of(sr), order_identifier_of(sr, SET_SYSTEM)
+    return order is not None and order == drg_set
+
+
+def _text(value: object) -> str | None:
+    return value.strip()[:MAX_TEXT] if isinstance(value, str) and value.strip() else None
+
+
+def status_report(task: dict, *, order: str, site_address: str, outputs: list[dict] | None = None) -> dict:
+    """The consult Task ``task`` as B reports it to A (a FHIR R4 Task, no patient data): status, statusReason,
+    businessStatus, notes, lastModified; ``basedOn`` A's order identifier ``order``; ``outputs`` e.g. the reports
+    that travel in the reply set."""
+    report: dict = {
+        "resourceType": "Task",
+        "identifier": [{"system": CONSULT_TASK_SYSTEM, "value": f"{task.get('id')}@{site_address}"}],
+        "basedOn": [{"type": "ServiceRequest", "identifier": {"system": ORDER_SYSTEM, "value": order}}],
+        "status": task.get("status"),
+        "intent": task.get("intent") or "order",
+        "priority": task.get("priority") or "routine",
+        "lastModified": task.get("lastModified") or instant(time.time()),
+    }
+    for key in ("statusReason", "businessStatus", "code"):
+        if isinstance(task.get(key), dict):
+            report[key] = task[key]
+    notes = [{"text": t} for t in (_text(n.get("text")) for n in task.get("note") or () if isinstance(n, dict)) if t]
+    if notes:
+        report["note"] = notes
+    owner = task.get("owner")
+    if isinstance(owner, dict) and _text(owner.get("display")):
+        report["owner"] = {"display": _text(owner["display"])}
+    if outputs:
+        report["output"] = outputs
+    return report
+
+
+def parse_report(data: bytes) -> dict:
+    """A workflow message's resource as a structure-checked R4 resource dict; INVALID otherwise."""
+    try:
+        resource = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ServerError(ErrorKind.INVALID, f"workflow.json is no JSON: {exc}") from exc
+    if not isinstance(resource, dict) or resource.get("resourceType") not in ("Task", "ServiceRequest"):
+        raise ServerError(ErrorKind.INVALID, "workflow.json is neither a Task nor a ServiceRequest")
+    stand_in = {"subject": resource.get("subject") or {"display": "patient"}} \
+        if resource["resourceType"] == "ServiceRequest" else {}
+    parse_resource({**resource, **stand_in})  # INVALID with the element at fault
+    return resource
+
+
+def reported_order(report: dict, site_address: str) -> str:
+    """Our ServiceRequest id a Task report is about; INVALID when it names no order of ``site_address``."""
+    for ref in report.get("basedOn") or ():
+        ident = (ref or {}).get("identifier") if isinstance(ref, dict) else None
+        if isinstance(ident, dict) and ident.get("system") == ORDER_SYSTEM:
+            split = split_order_identifier(ident.get("value"))
+            if split is not None and split[1] == normalize_address(site_address):
+                return split[0]
+            raise ServerError(ErrorKind.INVALID, f"the report names the order {str(ident.get('value'))[:120]!r}, "
+                                                 f"not one of {site_address}")
+    raise ServerError(ErrorKind.INVALID, "the report names no order (Task.basedOn identifier "
+                                         f"{ORDER_SYSTEM})")
+
+
+def pseudonym_map(secret_hex: str, options_json: str | None, uids: list[str],
+                  patients: list[tuple[str, str]]) -> PseudonymMap:
+    """The map an anonymised transfer used, rebuilt from the job's secret: the keyed derivation gives every
+    original UID and patient the same pseudonym again (PS3.15 E.1: re-identification by the de-identifier)."""
+    try:
+        options = DeidOptions(**json.loads(options_json or "{}"))
+    except (TypeError, ValueError) as exc:
+        raise ServerError(ErrorKind.INVALID, "the order's de-identification options are unusable") from exc
+    ps = Pseudonymizer(bytes.fromhex(secret_hex), options=options)
+    for uid in uids:
+        ps.new_uid(uid)
+    for name, pid in patients:
+        ps.patient_link(name, pid)
+    return ps.mapping
+
+
+def diagnostic_report(*, sop_uid: str, title: str, pdf: bytes | None, request: str, subject: dict | None,
+                      study_uid: str, performer: dict | None, issued: str, conclusion: str | None = None) -> dict:
+    """The DiagnosticReport of one report instance that came back (FHIR R4 diagnosticreport.html): identifier =
+    its SOP Instance UID, ``basedOn`` our order, the real study, the PDF as ``presentedForm``."""
+    report: dict = {
+        "resourceType": "DiagnosticReport",
+        "identifier": [{"system": DICOM_UID_SYSTEM, "value": f"{OID_PREFIX}{sop_uid}"}],
+        "basedOn": [{"reference": request}],
+        "status": "final",
+        "category": [REPORT_CATEGORY],
+        "code": {"coding": [REPORT_CODE], "text": title},
+        "issued": issued,
+        "imagingStudy": [{"reference": f"ImagingStudy/{study_uid}"}],
+    }
+    if subject:
+        report["subject"] = subject
+    if performer:
+        report["performer"] = [performer]
+    if conclusion:
+        report["conclusion"] = conclusion
+    if pdf is not None:
+        report["presentedForm"] = [{"contentType": PDF, "data": base64.b64encode(pdf).decode("ascii"),
+                                    "title": title, "size": len(pdf)}]
+    return report
+
+
+def _state(task: dict, state: TaskState, when: float, reason: str | None = None,
+           output: list[dict] | None = None) -> dict:
+    """``task`` in ``state`` (meta reduced to the profile, a reason for failures, outputs added once)."""
+    new = {k: v for k, v in task.items() if k not in ("meta", "statusReason")}
+    new["meta"] = {"profile": (task.get("meta") or {}).get("profile", [TASK_PROFILE])}
+    new["status"] = state.status
+    new["businessStatus"] = {"coding": [{"system": BUSINESS_STATUS_SYSTEM, "code": state.business_status}]}
+    new["lastModified"] = instant(when)
+    if reason and state.status in ("failed", "rejected", "cancelled", "on-hold"):
+        new["statusReason"] = {"text": reason[:MAX_TEXT]}
+    if output:
+        known = task.get("output") or []
+        new["output"] = known + [o for o in output if o not in known]
+    return new
+
+
+def move_task(fhir: FhirService, tx: FhirTx, task_id: str, wanted: TaskState, when: float, *,
+              reason: str | None = None, output: list[dict] | None = None, note: str | None = None) -> bool:
+    """Move a Task to ``wanted`` along legal transitions (intermediate versions on the way); False when it is
+    terminal already or gone. Writing the same state again changes nothing."""
+    stored = tx.current("Task", task_id, lock=True)
+    if stored is None or stored.deleted:
+        return False
+    old = stored.resource()
+    path = steps(old.get("status"), wanted, ORDER_INTERMEDIATE)
+    if path is None:
+        return False
+    principal = system_principal(tx.tenant)
+    for i, state in enumerate(path):
+        last = i == len(path) - 1
+        new = _state(old, state, when, reason if last else None, output if last else None)
+        if last and note and all(n.get("text") != note for n in old.get("note") or ()):
+            new["note"] = [*(old.get("note") or []), {"text": note[:MAX_TEXT]}]
+        if all(new.get(k) == old.get(k) for k in ("status", "businessStatus", "statusReason", "output", "note")):
+            continue
+        fhir.update_in(tx, principal, new, None, "/fhir")
+        old = new
+    return True
+
+
+# ---- at the consulting site (B) ------------------------------------------------------------------------------
+class ReplyListener:
+    """FHIR write listener at B: a received consult's Task, moved by B's EHR, is reported to A (module docstring)."""
+
+    def __init__(self, settings: Settings, engine, *, sites: Sites | Callable[[], Sites] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.index = ImagingIndex(engine)
+        self.archive = Archive(engine)
+        self.blobs = BlobStore(settings.data_dir, fsync=settings.fsync)
+        self._sites = sites
+        self.clock = clock
+        self.fhir: FhirService | None = None
+        self.hook = None
+
+    def bind(self, fhir: FhirService) -> None:
+        self.fhir = fhir
+        self.hook = task_hook(fhir, "/fhir", strict=True)
+
+    @property
+    def sites(self) -> Sites:
+        sites = self._sites
+        if sites is None:
+            sites = self._sites = Sites.load(self.settings.data_dir)
+        elif callable(sites) and not isinstance(sites, Sites):
+            sites = sites()
+        return sites
+
+    def __call__(self, tx: FhirTx, principal: Principal, interaction: str, new: Stored, old: Stored | None) -> None:
+        if (self.fhir is None or new.resource_type != "Task" or new.deleted or old is None or old.deleted
+                or interaction != "update"):
+            return
+        task, before = new.resource(), old.resource()
+        if task.get("status") == before.get("status") or \
+                TASK_PROFILE not in (task.get("meta") or {}).get("profile", []):
+            return
+        consult = self._consult(tx, task)
+        if consult is None:
+            return
+        sr, order, address = consult
+        status = task.get("status")
+        if status == "completed":
+            self.reply(tx, task, sr, order, address)
+        elif status in REPORTED and not is_legacy(sr):
+            self._message(tx, task, sr, order, address, status_report(task, order=order,
+                                                                       site_address=self._site(tx).address))
+
+    def _site(self, tx: FhirTx):
+        return self.sites.of_tenant(tx.tenant)
+
+    def _consult(self, tx: FhirTx, task: dict) -> tuple[dict, str, str] | None:
+        """(ServiceRequest, A's order identifier, A's address) of a consult we received; None otherwise."""
+        ref = ((task.get("basedOn") or [{}])[0] or {}).get("reference", "")
+        if not isinstance(ref, str) or not ref.startswith("ServiceRequest/"):
+            return None
+        stored = tx.current("ServiceRequest", ref.split("/", 1)[1])
+        if stored is None or stored.deleted:
+            return None
+        sr = stored.resource()
+        order = order_identifier_of(sr)
+        split = split_order_identifier(order)
+        if order is None or split is None:
+            return None
+        try:
+            ours = normalize_address(self._site(tx).address)
+        except ServerError:
+            return None
+        if split[1] == ours:
+            return None  # an order of our own (its identifier is only set on orders received)
+        return sr, order, split[1]
+
+    def _recipient(self, tx: FhirTx, address: str) -> Recipient:
+        assert self.fhir is not None
+        return recipient_by_address(self.fhir, tx.tenant, address,
+                                    default_max_mail_size=self.settings.default_max_mail_size)
+
+    def _message(self, tx: FhirTx, task: dict, sr: dict, order: str, address: str, report: dict) -> gw.Job:
+        """Queue the workflow message carrying ``report`` to A in ``tx``."""
+        target = self._recipient(tx, address)
+        site = self._site(tx)
+        new = gw.NewJob(
+            kind=gw.JOB_MESSAGE, study_uid=_study_of(sr) or "", instances=(), recipient_address=target.address,
+            sender_address=site.address, set_id=uuid.uuid4().hex, priority=int(priority_of(_priority(task))),
+            recipient_endpoint=f"Endpoint/{target.endpoint_id}", recipient_fingerprint=target.fingerprint,
+            max_mail_size=target.max_mail_size, order_ref=f"ServiceRequest/{sr['id']}",
+            order_json=json.dumps(report, ensure_ascii=False, separators=(",", ":")))
+        job = gw.create_job_in(tx.conn, tx.tenant, new, self.clock())
+        log.info("tenant %s: consult Task/%s is %s: reported to %s (message job %s)", tx.tenant, task.get("id"),
+                 report.get("status"), target.address, job.job_id)
+        return job
+
+    def reply(self, tx: FhirTx, task: dict, sr: dict, order: str, address: str) -> gw.Job | None:
+        """The completed consult's answer to A: the reply set with its reports, or (no report) a message."""
+        tenant = tx.tenant
+        study_uid = _study_of(sr)
+        site = self._site(tx)
+        legacy = is_legacy(sr)
+        chosen: list[str] = []  # the study's own new reports, then the PDF made from a DiagnosticReport
+        report_blob = None
+        outputs: list[dict] = []
+        if study_uid and self.index.study(tenant, study_uid) is not None:
+            received = gw.consult_set_instances(tx.conn, tenant, task["id"]) or set()
+            for row in self.archive.instances(tenant, study_uid):
+                if row.sop_class_uid.startswith(REPORT_SOP_PREFIXES) and row.sop_uid not in received:
+                    chosen.append(row.sop_uid)
+                    outputs.append(_output(row.sop_uid, "DICOM report"))
+            pdf = self._report_pdf(tx, task, sr)
+            if pdf is not None:
+                sop_uid, report_blob, title = self._encapsulate(tenant, study_uid, *pdf)
+                chosen.append(sop_uid)
+                outputs.append(_output(sop_uid, title))
+        report = status_report(task, order=order, site_address=site.address, outputs=outputs)
+        if not chosen:
+            if legacy:
+                log.info("tenant %s: consult Task/%s completed without a report: nothing goes back to the legacy "
+                         "gateway %s", tenant, task.get("id"), address)
+                return None
+            return self._message(tx, task, sr, order, address, report)
+        target = self._recipient(tx, address)
+        extra_parts = target.drg_profile_version in EXTRA_PARTS_VERSIONS
+        wanted = set(chosen)
+
+        def pick(instances: list[str]) -> list[str]:
+            present = [uid for uid in instances if uid in wanted]
+            return present + [uid for uid in chosen if uid not in present]
+        assert self.fhir is not None
+        new = new_job(self.index, self.fhir, self.sites, tenant, study_uid=study_uid, recipient=target,
+                      priority=int(priority_of(_priority(task))), pick=pick, report_blob=report_blob,
+                      order_ref=f"ServiceRequest/{sr['id']}",
+                      order_json=json.dumps(report, ensure_ascii=False, separators=(",", ":"))
+                      if extra_parts and not legacy else None)
+        job = gw.create_job_in(tx.conn, tenant, new, self.clock(), also=self.hook)
+        log.info("tenant %s: consult Task/%s completed: %d report instance(s) go back to %s (job %s)", tenant,
+                 task.get("id"), len(chosen), target.address, job.job_id)
+        return job
+
+    def _report_pdf(self, tx: FhirTx, task: dict, sr: dict) -> tuple[bytes, str] | None:
+        """(PDF, title) of the consult's DiagnosticReport: a Task.output reference, else the newest one
+        ``basedOn`` the ServiceRequest, with a PDF presentedForm; None when there is none."""
+        ids = [ref["reference"].split("/", 1)[1] for o in task.get("output") or () if isinstance(o, dict)
+               for ref in [o.get("valueReference") or {}]
+               if isinstance(ref.get("reference"), str) and ref["reference"].startswith("DiagnosticReport/")]
+        if not ids:
+            assert self.fhir is not None
+            bundle = self.fhir.search_in(tx, system_principal(tx.tenant), "DiagnosticReport",
+                                         [("based-on", f"ServiceRequest/{sr['id']}"), ("_count", "20")], base="")
+            found = [e["resource"] for e in bundle.get("entry", [])]
+            found.sort(key=lambda r: str((r.get("meta") or {}).get("lastUpdated", "")), reverse=True)
+            ids = [r["id"] for r in found]
+        for rid in ids:
+            stored = tx.current("DiagnosticReport", rid)
+            if stored is None or stored.deleted:
+                continue
+            report = stored.resource()
+            for form in report.get("presentedForm") or ():
+                if isinstance(form, dict) and str(form.get("contentType", "")).split(";")[0].strip().lower() \
+                        in (PDF, "application/x-pdf"):
+                    code = report.get("code") or {}
+                    title = code.get("text") or form.get("title") or REPORT_TITLE
+                    return pdf_from_fhir_attachment(form), str(title)[:MAX_TITLE].replace("\\", "/")
+        return None
+
+    def _encapsulate(self, tenant: str, study_uid: str, pdf: bytes, title: str) -> tuple[str, str, str]:
+        """(SOP Instance UID, blob, title) of the report PDF as an Encapsulated PDF instance of B's copy of the
+        study (its patient and study attributes: the pseudonyms when the study came anonymised)."""
+        rows = self.archive.instances(tenant, study_uid)
+        context = study_context_from(self.blobs.path_of(rows[0].blob).read_bytes())
+        sop_uid = f"2.25.{uuid.uuid4().int}"
+        data = encapsulated_pdf(pdf, study=context, title=title, sop_uid=sop_uid)
+        return sop_uid, gw.store_blob(self.blobs, data), title
+
+
+def _output(sop_uid: str, title: str) -> dict:
+    return {"type": {"text": "report"},
+            "valueReference": {"type": "DiagnosticReport",
+                               "identifier": {"system": DICOM_UID_SYSTEM, "value": f"{OID_PREFIX}{sop_uid}"},
+                               "display": title}}
+
+
+def _priority(resource: dict) -> str:
+    value = resource.get("priority")
+    return value if value in ("routine", "urgent", "asap", "stat") else "routine"
+
+
+def _study_of(sr: dict) -> str | None:
+    for ref in sr.get("supportingInfo") or ():
+        literal = ref.get("reference") if isinstance(ref, dict) else None
+        if isinstance(literal, str) and literal.startswith("ImagingStudy/"):
+            return literal.split("/", 1)[1]
+    return None
+
+
+# ---- at the requesting site (A) ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reply:
+    """A reply set to one of our orders: the order and the job that sent it (its secret re-links the reply)."""
+
+    request_id: str
+    order_task: str
+    job: gw.Job
+    report: dict
+
+
+class Workflow:
+    """A's side of the answers (module docstring): status messages and reply sets."""
+
+    def __init__(self, settings: Settings, engine, blobs: BlobStore, archive: Archive, fhir: FhirService,
+                 sites: Sites, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.blobs = blobs
+        self.archive = archive
+        self.fhir = fhir
+        self.sites = sites
+        self.clock = clock
+        self.index = ImagingIndex(engine)
+
+    # -- messages ----------------------------------------------------------------------------------------------
+    def receive(self, tenant: str, sender: str, data: bytes) -> None:
+        """Apply one workflow message from ``sender`` (its signature checked by the caller); idempotent.
+        INVALID / NOT_FOUND when it is not for one of our orders sent to that sender."""
+        resource = parse_report(data)
+        if resource["resourceType"] == "Task":
+            self._status(tenant, normalize_address(sender), resource)
+            return
+        from server.gateway.priors import receive_request  # the priors module builds on this one
+        receive_request(self, tenant, normalize_address(sender), resource)
+
+    def order_of(self, tenant: str, sender: str, report: dict) -> tuple[str, gw.Job]:
+        """(our ServiceRequest id, the newest job of that order to ``sender``) a report names."""
+        site = self.sites.of_tenant(tenant)
+        request_id = reported_order(report, site.address)
+        jobs = [j for j in gw.order_jobs(self.engine, tenant, f"ServiceRequest/{request_id}", sender)
+                if j.order_task]
+        if not jobs:
+            raise ServerError(ErrorKind.NOT_FOUND, f"ServiceRequest/{request_id} was never sent to {sender}")
+        return request_id, jobs[-1]
+
+    def _status(self, tenant: str, sender: str, report: dict) -> None:
+        request_id, job = self.order_of(tenant, sender, report)
+        status = report.get("status")
+        wanted = ORDER_BY_CONSULT.get(str(status))
+        if wanted is None:
+            log.info("tenant %s: %s reports ServiceRequest/%s as %s: nothing to follow", tenant, sender,
+                     request_id, status)
+            return
+        reason = _text((report.get("statusReason") or {}).get("text")) if isinstance(report.get("statusReason"),
+                                                                                     dict) else None
+        notes = [_text(n.get("text")) for n in report.get("note") or () if isinstance(n, dict)]
+        note = "; ".join(n for n in notes if n) or None
+        who = _text((report.get("owner") or {}).get("display")) or sender
+        with self.fhir.store.transaction(tenant, write=True) as tx:
+            moved = move_task(self.fhir, tx, job.order_task, wanted, self.clock(),
+                              reason=f"{who}: {reason or REASON_TEXT.get(str(status), status)}",
+                              output=_outputs(report),
+                              note=f"{who}: {note}" if note else None)
+        log.log(logging.WARNING if wanted.status == "failed" else logging.INFO,
+                "tenant %s: %s reports ServiceRequest/%s as %s%s", tenant, sender, request_id, status,
+                "" if moved else " (the order Task is closed already: unchanged)")
+
+    # -- reply sets ------------------------------------------------------------------------------------------
+    def reply_for(self, tenant: str, s: gw.SetRow) -> Reply | None:
+        """The reply a complete set is (its order.json is a Task report on one of our orders to its sender)."""
+        if not s.order_json:
+            return None
+        try:
+            report = json.loads(s.order_json)
+        except ValueError:
+            return None
+        if not isinstance(report, dict) or report.get("resourceType") != "Task":
+            return None
+        try:
+            request_id, job = self.order_of(tenant, normalize_address(s.sender), report)
+        except ServerError as exc:
+            log.warning("set %s from %s for %s: a reply, but %s: imported as a study", s.set_id, s.sender, tenant,
+                        exc.message)
+            return None
+        return Reply(request_id, job.order_task or "", job, report)
+
+    def relinked(self, tenant: str, reply: Reply, parts: list[gw.Part]) -> list[gw.Part]:
+        """The parts re-linked to the real patient and study (an anonymised order), their blobs durable."""
+        job = reply.job
+        if not job.deid_secret:
+            return parts
+        rows = self.archive.instances(tenant, job.study_uid)
+        uids = [job.study_uid, *sorted({r.series_uid for r in rows}), *[r.sop_uid for r in rows]]
+        study = self.index.study(tenant, job.study_uid)
+        patients = [(study.patient_name or "", study.patient_id or "")] if study is not None else []
+        mapping = pseudonym_map(job.deid_secret, job.deid_options, uids, patients)
+        out = []
+        for part in parts:
+            data = relink(self.blobs.path_of(part.blob_sha256).read_bytes(), mapping)
+            out.append(dataclasses.replace(part, blob_sha256=self.blobs.put(data)))
+        return out
+
+    def complete_reply(self, tenant: str, s: gw.SetRow, parts: list[gw.Part], reply: Reply) -> gw.SetRow:
+        """DiagnosticReports for the imported reply and the order Task completed; recorded on the set."""
+        principal = system_principal(tenant)
+        issued = instant(self.clock(), "seconds")
+        outputs = []
+        with self.fhir.store.transaction(tenant, write=True) as tx:
+            stored = tx.current("ServiceRequest", reply.request_id)
+            sr = stored.resource() if stored is not None and not stored.deleted else {}
+            subject = sr.get("subject") if isinstance(sr.get("subject"), dict) else None
+            performer = {"display": _text((reply.report.get("owner") or {}).get("display")) or s.sender}
+            for part in parts:
+                parsed = parse_part10(self.blobs.path_of(part.blob_sha256))
+                data = self.blobs.path_of(part.blob_sha256).read_bytes()
+                pdf = extract_pdf(data) if parsed.sop_class_uid == ENCAPSULATED_PDF else None
+                title = _title(data) or REPORT_TITLE
+                resource = diagnostic_report(
+                    sop_uid=parsed.sop_instance_uid, title=title, pdf=pdf,
+                    request=f"ServiceRequest/{reply.request_id}", subject=subject, study_uid=parsed.study_uid,
+                    performer=performer, issued=issued,
+                    conclusion=None if pdf else "Strukturierter Befund (DICOM SR) in der Studie abgelegt")
+                ident = f"{DICOM_UID_SYSTEM}|{OID_PREFIX}{parsed.sop_instance_uid}"
+                result = self.fhir.create_in(tx, principal, resource, base="/fhir",
+                                             if_none_exist=f"identifier={ident}")
+                outputs.append({"type": {"text": "report"},
+                                "valueReference": {"reference": f"DiagnosticReport/{result.resource['id']}"}})
+            move_task(self.fhir, tx, reply.order_task, REPORT_RECEIVED, self.clock(), output=outputs)
+        gw.set_consult(self.engine, tenant, s.pk, reply.order_task)
+        log.info("set %s from %s for %s: the reply to ServiceRequest/%s: %d report(s), order Task/%s completed",
+                 s.set_id, s.sender, tenant, reply.request_id, len(outputs), reply.order_task)
+        return dataclasses.replace(s, consult_task=reply.order_task)
+
+
+def _outputs(report: dict) -> list[dict] | None:
+    """The outputs of a Task report worth keeping at A (study and report references by identifier)."""
+    kept = [o for o in report.get("output") or () if isinstance(o, dict) and isinstance(o.get("valueReference"), dict)
+            and isinstance(o.get("type"), dict)]
+    return kept or None
+
+
+def _title(data: bytes) -> str | None:
+    """A report instance's title: Document Title (0042,0010), else the Concept Name's meaning (PS3.3 C.24.2,
+    C.17.3); None when it has neither or they cannot be read."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                             specific_tags=["DocumentTitle", "ConceptNameCodeSequence"])
+        title = str(ds.get("DocumentTitle") or "").strip()
+        if not title and ds.get("ConceptNameCodeSequence"):
+            title = str(ds.ConceptNameCodeSequence[0].get("CodeMeaning") or "").strip()
+    except Exception:  # noqa: BLE001 - a title is a nicety; the report stands without it
+        return None
+    return title[:MAX_TITLE] or None
