@@ -306,6 +306,7 @@ ROWS = [
     ("WSI frame via WADO-RS (image/jpeg) p50 / p95 ms", "wsi_frame", "p50_ms", None),
     ("WSI tile p50 / p95 ms", "wsi_tile", "p50_ms", "p50 ≤ 5 ms"),
     ("WSI tiles/s, {clients} concurrent clients", "wsi_tiles_concurrent", "tiles_per_s", None),
+    ("Server CPU s per 1,000 tiles ({clients} clients)", "wsi_tiles_concurrent", "server_cpu_s_per_1000", None),
 ]
 LIMITS = {"frame_ct": 5.0, "frame_multi": 5.0, "rendered_ct": 30.0, "wsi_tile": 5.0}
 
@@ -316,7 +317,7 @@ def _cell(result: dict | None, key: str, field: str) -> str:
         return "—"
     if field == "p50_ms":
         return f"{fmt(r['p50_ms'], 2)} / {fmt(r['p95_ms'], 2)}" + (" (/preview)" if r.get("via") else "")
-    return fmt(r[field], 1)
+    return fmt(r[field], 2 if field.startswith("server_cpu") else 1)
 
 
 def table(results: dict, clients: int) -> str:
