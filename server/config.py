@@ -103,6 +103,16 @@ class Settings(BaseSettings):
         except ServerError as exc:
             raise ValueError(exc.message) from exc
 
+    prior_auto_partners: str = Field(
+        default="", description="requests for prior images (issue 5) answered without a person's approval from these "
+        "sites: DICOM e-mail addresses, comma-separated, or '*' for every site of the directory; others wait for "
+        "approval on their Task")
+
+    def prior_auto(self, address: str) -> bool:
+        """Whether a priors request from ``address`` is answered automatically (``prior_auto_partners``)."""
+        partners = {p.strip().lower() for p in self.prior_auto_partners.split(",") if p.strip()}
+        return "*" in partners or address.strip().lower() in partners
+
     @property
     def deid_default_codes(self) -> frozenset[str]:
         """The site's default de-identification codes (``deid_defaults``) as a set."""

@@ -15,6 +15,7 @@ from server.fhir.validation import check_content
 from server.fhir.imaging import ImagingStudyProjection, Options
 from server.fhir.service import FhirService, Listener, Projection, Validator
 from server.gateway.orders import OrderListener
+from server.gateway.priors import PriorsListener
 from server.gateway.workflow import ReplyListener
 from server.gateway.sites import Sites
 from server.store.fhir import FhirStore
@@ -31,7 +32,8 @@ def listeners(settings: Settings, engine: Engine, sites: Sites | None = None) ->
     a teleconsult ServiceRequest's order Tasks and transfer jobs: ``server.gateway.orders``; a received consult's
     Task reported back to the requesting site: ``server.gateway.workflow``)."""
     audit = [record_audit] if settings.fhir_audit else []
-    return [*audit, OrderListener(settings, engine, sites=sites), ReplyListener(settings, engine, sites=sites),
+    orders = OrderListener(settings, engine, sites=sites)
+    return [*audit, orders, PriorsListener(orders), ReplyListener(settings, engine, sites=sites),
             SubscriptionListener()]
 
 

@@ -148,10 +148,9 @@ STATUSES_BY_BUSINESS_STATUS: Mapping[str, frozenset[str]] = MappingProxyType({
     "completed-by-consultant": frozenset({S.COMPLETED.value}),
     # a request for prior images (server.gateway.priors), on both sites' Tasks
     "priors-requested": frozenset({S.REQUESTED.value, S.ACCEPTED.value, S.IN_PROGRESS.value}),
-    "awaiting-approval": frozenset({S.REQUESTED.value, S.IN_PROGRESS.value}),
-    "priors-found": frozenset({S.IN_PROGRESS.value, S.ACCEPTED.value}),
-    "priors-none": frozenset({S.COMPLETED.value}),
-    "priors-sending": frozenset({S.IN_PROGRESS.value}),
+    "awaiting-approval": frozenset({S.REQUESTED.value, S.ACCEPTED.value}),  # accepted: the approval being stored
+    "priors-none": frozenset({S.READY.value, S.COMPLETED.value}),
+    "priors-sending": frozenset({S.READY.value, S.ACCEPTED.value, S.IN_PROGRESS.value}),
     "priors-received": frozenset({S.IN_PROGRESS.value, S.COMPLETED.value}),
 })
 

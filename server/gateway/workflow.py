@@ -54,6 +54,7 @@ from server.fhir.service import FhirService
 from server.fhir.task import BUSINESS_STATUS_SYSTEM, TaskState
 from server.gateway.directory import Recipient, recipient_by_address, system_principal
 from server.gateway.jobs import priority_of
+from server.gateway import priors
 from server.gateway.orders import EXTRA_PARTS_VERSIONS, REPORT_SOP_PREFIXES, REPORT_TITLE
 from server.gateway.service import new_job
 from server.gateway.sites import Sites, normalize_address
@@ -120,6 +121,12 @@ def order_identifier_of(resource: dict, system: str = ORDER_SYSTEM) -> str | Non
         if isinstance(ident, dict) and ident.get("system") == system and isinstance(ident.get("value"), str):
             return ident["value"]
     return None
+
+
+def is_priors(sr: dict) -> bool:
+    """A request for prior images (consult-kind prior-request), sent or received."""
+    return any(isinstance(c, dict) and c.get("system") == CONSULT_KIND_SYSTEM and c.get("code") == "prior-request"
+               for c in (sr.get("code") or {}).get("coding") or ())
 
 
 def is_legacy(sr: dict) -> bool:
@@ -311,6 +318,14 @@ class ReplyListener:
             return
         sr, order, address = consult
         status = task.get("status")
+        if is_priors(sr):
+            if status == "accepted":  # a person approved: the studies found go to A, the Task shows it
+                priors.send(self, tx, task, sr, address)
+                move_task(self.fhir, tx, task["id"], TaskState("in-progress", priors.SENDING), self.clock())
+            elif status in REPORTED and not (status == "in-progress" and before.get("status") == "accepted"):
+                self._message(tx, task, sr, order, address, status_report(task, order=order,
+                                                                           site_address=self._site(tx).address))
+            return
         if status == "completed":
             self.reply(tx, task, sr, order, address)
         elif status in REPORTED and not is_legacy(sr):
@@ -348,18 +363,7 @@ class ReplyListener:
 
     def _message(self, tx: FhirTx, task: dict, sr: dict, order: str, address: str, report: dict) -> gw.Job:
         """Queue the workflow message carrying ``report`` to A in ``tx``."""
-        target = self._recipient(tx, address)
-        site = self._site(tx)
-        new = gw.NewJob(
-            kind=gw.JOB_MESSAGE, study_uid=_study_of(sr) or "", instances=(), recipient_address=target.address,
-            sender_address=site.address, set_id=uuid.uuid4().hex, priority=int(priority_of(_priority(task))),
-            recipient_endpoint=f"Endpoint/{target.endpoint_id}", recipient_fingerprint=target.fingerprint,
-            max_mail_size=target.max_mail_size, order_ref=f"ServiceRequest/{sr['id']}",
-            order_json=json.dumps(report, ensure_ascii=False, separators=(",", ":")))
-        job = gw.create_job_in(tx.conn, tx.tenant, new, self.clock())
-        log.info("tenant %s: consult Task/%s is %s: reported to %s (message job %s)", tx.tenant, task.get("id"),
-                 report.get("status"), target.address, job.job_id)
-        return job
+        return queue_message(self, tx, address, sr, report, task.get("priority"))
 
     def reply(self, tx: FhirTx, task: dict, sr: dict, order: str, address: str) -> gw.Job | None:
         """The completed consult's answer to A: the reply set with its reports, or (no report) a message."""
@@ -442,6 +446,25 @@ class ReplyListener:
         return sop_uid, gw.store_blob(self.blobs, data), title
 
 
+def queue_message(owner, tx: FhirTx, address: str, sr: dict, report: dict, priority: object = None) -> gw.Job:
+    """Queue, in ``tx``, the workflow message carrying ``report`` to the site ``address`` about the received order
+    ``sr`` (``owner``: a ReplyListener or Workflow: settings, sites, fhir, clock)."""
+    target = recipient_by_address(owner.fhir, tx.tenant, address,
+                                  default_max_mail_size=owner.settings.default_max_mail_size)
+    site = owner.sites.of_tenant(tx.tenant)
+    new = gw.NewJob(
+        kind=gw.JOB_MESSAGE, study_uid=_study_of(sr) or "", instances=(), recipient_address=target.address,
+        sender_address=site.address, set_id=uuid.uuid4().hex,
+        priority=int(priority_of(_priority({"priority": priority}))),
+        recipient_endpoint=f"Endpoint/{target.endpoint_id}", recipient_fingerprint=target.fingerprint,
+        max_mail_size=target.max_mail_size, order_ref=f"ServiceRequest/{sr['id']}",
+        order_json=json.dumps(report, ensure_ascii=False, separators=(",", ":")))
+    job = gw.create_job_in(tx.conn, tx.tenant, new, owner.clock())
+    log.info("tenant %s: %s is %s: reported to %s (message job %s)", tx.tenant, report["identifier"][0]["value"],
+             report.get("status"), target.address, job.job_id)
+    return job
+
+
 def _output(sop_uid: str, title: str) -> dict:
     return {"type": {"text": "report"},
             "valueReference": {"type": "DiagnosticReport",
@@ -495,8 +518,7 @@ class Workflow:
         if resource["resourceType"] == "Task":
             self._status(tenant, normalize_address(sender), resource)
             return
-        from server.gateway.priors import receive_request  # the priors module builds on this one
-        receive_request(self, tenant, normalize_address(sender), resource)
+        priors.receive_request(self, tenant, normalize_address(sender), resource)
 
     def order_of(self, tenant: str, sender: str, report: dict) -> tuple[str, gw.Job]:
         """(our ServiceRequest id, the newest job of that order to ``sender``) a report names."""
@@ -512,6 +534,10 @@ class Workflow:
         request_id, job = self.order_of(tenant, sender, report)
         status = report.get("status")
         wanted = ORDER_BY_CONSULT.get(str(status))
+        if self._is_priors(tenant, request_id):  # the answer to a request for prior images: by businessStatus
+            codes = [c.get("code") for c in (report.get("businessStatus") or {}).get("coding") or ()]
+            by_code = next((priors.ORDER_BY_PRIORS[c] for c in codes if c in priors.ORDER_BY_PRIORS), None)
+            wanted = wanted if status in ("rejected", "cancelled", "failed") else by_code
         if wanted is None:
             log.info("tenant %s: %s reports ServiceRequest/%s as %s: nothing to follow", tenant, sender,
                      request_id, status)
@@ -529,6 +555,11 @@ class Workflow:
         log.log(logging.WARNING if wanted.status == "failed" else logging.INFO,
                 "tenant %s: %s reports ServiceRequest/%s as %s%s", tenant, sender, request_id, status,
                 "" if moved else " (the order Task is closed already: unchanged)")
+
+    def _is_priors(self, tenant: str, request_id: str) -> bool:
+        with self.fhir.store.transaction(tenant, write=False) as tx:
+            stored = tx.current("ServiceRequest", request_id)
+        return stored is not None and not stored.deleted and is_priors(stored.resource())
 
     # -- reply sets ------------------------------------------------------------------------------------------
     def reply_for(self, tenant: str, s: gw.SetRow) -> Reply | None:
@@ -566,7 +597,10 @@ class Workflow:
         return out
 
     def complete_reply(self, tenant: str, s: gw.SetRow, parts: list[gw.Part], reply: Reply) -> gw.SetRow:
-        """DiagnosticReports for the imported reply and the order Task completed; recorded on the set."""
+        """DiagnosticReports for the imported reply and the order Task completed; recorded on the set. Prior
+        studies sent for a request of ours are recorded on its Task instead (``priors.received``)."""
+        if self._is_priors(tenant, reply.request_id):
+            return priors.received(self, tenant, s, reply)
         principal = system_principal(tenant)
         issued = instant(self.clock(), "seconds")
         outputs = []

@@ -196,6 +196,29 @@ class Archive:
             studies[study.study_uid] = study
 
     # ---- reads for WADO-RS --------------------------------------------------------------------
+    def patient_studies(self, tenant: str, patient_ids: Sequence[str], *, date_from: str | None = None,
+                        date_to: str | None = None, modalities: Sequence[str] = (), limit: int = 200) -> list:
+        """The tenant's studies of a patient (any of ``patient_ids``; StudyDate within [date_from, date_to] as DA
+        YYYYMMDD when given; any of ``modalities`` in ModalitiesInStudy when given), newest first. The priors
+        search of a request for prior images (issue 5)."""
+        ids = [p for p in patient_ids if p]
+        if not ids:
+            return []
+        cond = [Study.tenant == tenant, Study.patient_id.in_(ids), Study.number_of_instances > 0]
+        if date_from:
+            cond.append(Study.study_date >= date_from)
+        if date_to:
+            cond.append(Study.study_date <= date_to)
+        cols = [Study.study_uid, Study.patient_id, Study.issuer_of_patient_id, Study.study_date,
+                Study.modalities_in_study, Study.study_description, Study.number_of_instances]
+        with Session(self.engine) as session:
+            rows = session.exec(select(*cols).where(*cond)
+                                .order_by(Study.study_date.desc(), Study.study_uid).limit(limit)).all()
+        wanted = {m.upper() for m in modalities if m}
+        if wanted:
+            rows = [r for r in rows if wanted & set((r.modalities_in_study or "").upper().split("\\"))]
+        return rows
+
     def instances(self, tenant: str, study_uid: str, series_uid: str | None = None,
                   sop_uid: str | None = None, *, with_meta: bool = False) -> list:
         """Instances of a study/series/instance in stable order (series number, instance number).

@@ -287,7 +287,7 @@ def test_not_every_service_request_is_an_order(client, world, app):
     w = world
     no_study = _sr()
     del no_study["supportingInfo"]
-    for sr in (_sr(code="prior-request"), {**_sr(), "status": "draft"}, no_study,
+    for sr in ({**_sr(), "status": "draft"}, no_study,  # (a prior-request is a priors request: test_teleconsult_nodes)
                {**_sr(), "identifier": [{"system": ORDER_SYSTEM, "value": "x@dicom@elsewhere.example"}]},
                {**_sr(), "identifier": [{"system": f"{BASE}/sid/drg-set", "value": "S1@dicom@elsewhere.example"}]}):
         assert _post(client, w, sr).status_code == 201

@@ -180,3 +180,78 @@ def test_a_cancelled_consult_fails_the_order(nodes, logs, status):
     consult = consult_at_b(ehr_b)
     move(ehr_b, consult, status)
     order_task(ehr_a, task_a["id"], "cancelled-by-consultant", "failed")
+
+
+# ---- requests for prior images -------------------------------------------------------------------------------
+def priors_at_b(b: Node) -> dict[str, str]:
+    """Two studies of patient PID-4711 at B (CT 2023, MR 2024) and one of another patient: uid -> modality."""
+    out = {}
+    for modality, date, pid in (("CT", "20230310", "PID-4711"), ("MR", "20240502", "PID-4711"),
+                                ("CT", "20240101", "PID-9999")):
+        study, series = generate_uid(), generate_uid()
+        _stow(b, [make_instance(study=study, series=series, modality=modality, study_date=date, patient_id=pid,
+                                patient_name="Müller^Jürgen" if pid == "PID-4711" else "Other^Otto")])
+        if pid == "PID-4711":
+            out[study] = modality
+    return out
+
+
+def request_priors(client: SyncFHIRClient, b: Node, **criteria):
+    client.resource("Patient", id="p1", identifier=[{"system": "urn:oid:1.2.3", "value": "PID-4711"}],
+                    name=[{"family": "Müller", "given": ["Jürgen"]}]).save()
+    client.resource("Organization", id="klinik-a", name="Klinik A").save()
+    sr = client.resource(
+        "ServiceRequest", status="active", intent="order", priority="routine",
+        code={"coding": [{"system": f"{BASE}/CodeSystem/consult-kind", "code": "prior-request"}]},
+        subject={"reference": "Patient/p1"}, requester={"reference": "Organization/klinik-a"},
+        performer=[{"reference": service_of(b)}], **criteria)
+    sr.save()
+    [task] = [t for t in client.resources("Task").search(based_on=f"ServiceRequest/{sr.id}").fetch_all()]
+    assert business(task) == "priors-requested"
+    return sr, task
+
+
+def studies_at(node: Node) -> set[str]:
+    with node.http() as h:
+        r = h.get("/dicomweb/studies")
+    return set() if r.status_code == 204 else {s["0020000D"]["Value"][0] for s in r.json()}
+
+
+def test_priors_request_answered_automatically_for_a_partner(nodes, logs):
+    a, b = nodes
+    b.settings["prior_auto_partners"] = a.address
+    a.start(), b.start()
+    ehr_a, ehr_b = ehr(a), ehr(b)
+    wanted = priors_at_b(b)
+    sr, task = request_priors(ehr_a, b, occurrencePeriod={"start": "2020-01-01"})
+    done = order_task(ehr_a, task["id"], "priors-received", "completed")
+    found = [o for o in done["output"] if o["type"]["text"] == "found"]
+    arrived = {o["valueReference"]["reference"].split("/", 1)[1] for o in done["output"]
+               if o["type"]["text"] == "received"}
+    assert {o["valueReference"]["identifier"]["value"][len("urn:oid:"):] for o in found} == set(wanted) == arrived
+    assert set(wanted) <= studies_at(a) and len(studies_at(a)) == 2  # not the other patient's study
+    [task_b] = ehr_b.resources("Task").search(status="ready").fetch_all()
+    assert business(task_b) == "priors-sending" and len(task_b["output"]) == 2
+    with a.http() as h:  # priors are no consult at A
+        assert h.get("/fhir/Task", params={"status": "requested"}).json().get("total", 0) == 0
+
+
+def test_priors_request_waits_for_approval_and_filters_by_modality(nodes, logs):
+    a, b = nodes
+    a.start(), b.start()
+    ehr_a, ehr_b = ehr(a), ehr(b)
+    wanted = {uid for uid, modality in priors_at_b(b).items() if modality == "CT"}
+    sr, task = request_priors(ehr_a, b, extension=[{
+        "url": f"{BASE}/StructureDefinition/prior-modality",
+        "valueCoding": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}}])
+    waiting = order_task(ehr_a, task["id"], "awaiting-approval", "requested")
+    assert [o["valueReference"]["identifier"]["value"] for o in waiting["output"]] == \
+        [f"urn:oid:{uid}" for uid in wanted]
+    [task_b] = ehr_b.resources("Task").search(status="requested").fetch_all()
+    assert business(task_b) == "awaiting-approval"
+    assert studies_at(a) == set()  # nothing sent before a person approves
+    move(ehr_b, task_b, "accepted")
+    order_task(ehr_a, task["id"], "priors-received", "completed")
+    assert studies_at(a) == wanted
+    task_b = ehr_b.reference("Task", task_b["id"]).to_resource()
+    assert (task_b["status"], business(task_b)) == ("in-progress", "priors-sending")
