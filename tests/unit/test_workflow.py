@@ -172,7 +172,9 @@ def test_status_report_defaults_and_drops(task, key, expected):
 
 
 def test_status_report_outputs_and_round_trip_through_parse_report():
-    outputs = [workflow._output("2.25.1", "Befund")]
+    outputs = [{"type": {"text": "report"}, "valueReference": {
+        "type": "DiagnosticReport", "identifier": {"system": "urn:dicom:uid", "value": "urn:oid:2.25.1"},
+        "display": "Befund"}}]
     report = status_report({"id": "t", "status": "completed", "intent": "order"}, order=f"o@{A}", site_address=B,
                            outputs=outputs)
     assert report["output"] == outputs
@@ -296,11 +298,14 @@ def test_every_state_of_workflow_and_priors_is_allowed_by_the_task_table():
 
 
 def _business_codes_in_source() -> set[str]:
-    """Every string literal that names a business status in workflow.py and priors.py: TaskState(...) arguments
-    and the priors constants."""
+    """Every string literal that names a business status in workflow.py and priors.py (and messages.py, where
+    the report helpers may live): TaskState(...) arguments and the priors constants."""
     found = set()
-    for name in ("workflow.py", "priors.py"):
-        tree = ast.parse((ROOT / "server" / "gateway" / name).read_text("utf-8"))
+    for name in ("workflow.py", "priors.py", "messages.py"):
+        path = ROOT / "server" / "gateway" / name
+        if not path.exists():
+            continue
+        tree = ast.parse(path.read_text("utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "TaskState" and len(node.args) == 2:
                 arg = node.args[1]
