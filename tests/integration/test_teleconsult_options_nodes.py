@@ -249,6 +249,8 @@ def test_the_anonymised_study_at_b_follows_the_basic_profile_row_by_row(sites, l
         meta = h.get(f"/dicomweb/studies/{pseudo}/metadata").text
         assert [s for s in IDENTITY if s in meta] == []
     assert [s for s in IDENTITY if s in str(sr_b.serialize())] == []
+    # the set headers (X-TELEMEDICINE-STUDYID travels outside the encryption) name the new Study UID only
+    assert set_of(b, study) is None and imported(b, pseudo)["total"] == 3
 
 
 def test_clean_descriptors_and_modified_dates_shift_dates_and_keep_cleaned_descriptions(sites, logs):
