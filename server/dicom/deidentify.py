@@ -683,12 +683,27 @@ def relink(data: bytes, mapping: PseudonymMap) -> bytes:
         old = inverse.get(str(meta.MediaStorageSOPInstanceUID))
         if old:
             meta.MediaStorageSOPInstanceUID = old
+    if mapping.date_shift_days and str(ds.get("StudyInstanceUID", "")) in inverse.values():
+        _unshift_study_dates(ds, mapping.date_shift_days)
     if restored and "PatientIdentityRemoved" in ds:
         ds.PatientIdentityRemoved = "NO"
         for kw in ("DeidentificationMethod", "DeidentificationMethodCodeSequence"):
             if kw in ds:
                 delattr(ds, kw)
     return _write(ds)
+
+
+#: The study's own dates a reply repeats from the de-identified copy (PS3.3 C.7.2.1 General Study); a reply's
+#: own dates (Content Date, Series Date of the report) are the consultant's real ones and stay as they are.
+STUDY_DATES = ("StudyDate",)
+
+
+def _unshift_study_dates(ds: Dataset, days: int) -> None:
+    """Undo the Modified Dates shift (PS3.15 E.3.6) on the study dates of a re-linked reply."""
+    for keyword in STUDY_DATES:
+        value = str(ds.get(keyword, "") or "")
+        if value:
+            setattr(ds, keyword, _shift_date(value, -days))
 
 
 def _relink_dataset(

@@ -297,6 +297,22 @@ def order_part(service_request: dict, *, site_address: str) -> Part:
     return Part(content_type=ORDER_MEDIA_TYPE, data=data, filename=ORDER_FILENAME)
 
 
+def report_pdf(report: dict) -> tuple[bytes, str] | None:
+    """(PDF, title) of a DiagnosticReport: its first PDF ``presentedForm`` and a title for the Encapsulated PDF's
+    Document Title (code text or display, else the attachment's title, else "Befund"); None without a PDF form.
+    INVALID when the attachment's data cannot be used (``pdf_from_fhir_attachment``)."""
+    forms = [f for f in report.get("presentedForm") or () if isinstance(f, dict)]
+    pdfs = [f for f in forms if str(f.get("contentType", "")).split(";")[0].strip().lower()
+            in ("application/pdf", "application/x-pdf")]
+    if not pdfs:
+        return None
+    pdf = pdf_from_fhir_attachment(pdfs[0])
+    code = report.get("code") or {}
+    title = code.get("text") or next((c.get("display") for c in code.get("coding") or () if c.get("display")),
+                                     None) or pdfs[0].get("title") or REPORT_TITLE
+    return pdf, str(title)[:MAX_TITLE].replace("\\", "/")
+
+
 def mail_parts(job: gw.Job) -> list[Part]:
     """The non-DICOM parts of every instance mail of ``job``: the short note, then order.json."""
     parts = []
@@ -429,20 +445,13 @@ class OrderListener:
         stored = tx.current("DiagnosticReport", order.report)
         if stored is None or stored.deleted:
             raise _refuse("not-found", f"DiagnosticReport/{order.report} does not exist", where)
-        report = stored.resource()
-        forms = [f for f in report.get("presentedForm") or () if isinstance(f, dict)]
-        pdfs = [f for f in forms if str(f.get("contentType", "")).split(";")[0].strip().lower()
-                in ("application/pdf", "application/x-pdf")]
-        if not pdfs:
-            raise _refuse("value", f"DiagnosticReport/{order.report} has no PDF presentedForm to send", where)
         try:
-            pdf = pdf_from_fhir_attachment(pdfs[0])
+            found = report_pdf(stored.resource())
         except ServerError as exc:
             raise _refuse("value", f"DiagnosticReport/{order.report}: {exc.message}", where) from exc
-        code = report.get("code") or {}
-        title = code.get("text") or next((c.get("display") for c in code.get("coding") or () if c.get("display")),
-                                         None) or pdfs[0].get("title") or REPORT_TITLE
-        return pdf, str(title)[:MAX_TITLE].replace("\\", "/")
+        if found is None:
+            raise _refuse("value", f"DiagnosticReport/{order.report} has no PDF presentedForm to send", where)
+        return found
 
     def _report(self, tx: FhirTx, tenant: str, order: Order) -> tuple[str, str] | None:
         """(SOP Instance UID, blob) of the Encapsulated PDF made from the order's DiagnosticReport in the study

@@ -24,6 +24,7 @@ Every transfer of priors carries the status report as its order.json part, so A 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import uuid
@@ -36,6 +37,7 @@ from server.fhir.task import BUSINESS_STATUS_SYSTEM, TaskState
 from server.gateway.consults import organization_of
 from server.gateway.directory import Recipient, recipient_by_address, recipient_of, system_principal
 from server.gateway.jobs import priority_of
+from server.gateway.messages import move_task, queue_message, split_order_identifier, status_report
 from server.gateway.orders import (CONSULT_KIND_SYSTEM, MAX_NOTE, ORDER_INTENTS, ORDER_TASK_PROFILE,
                                    RECEIVED_SYSTEMS, order_task, order_task_id)
 from server.gateway.service import new_job
@@ -152,7 +154,8 @@ def parse_request(resource: dict, sender: str) -> Query:
         raise ServerError(ErrorKind.INVALID, "the ServiceRequest is no request for prior images")
     order = next((i.get("value") for i in resource.get("identifier") or ()
                   if isinstance(i, dict) and i.get("system") == ORDER_SYSTEM), None)
-    if not isinstance(order, str) or not order.lower().endswith("@" + normalize_address(sender)) or len(order) > 512:
+    split = split_order_identifier(order)
+    if split is None or split[1] != normalize_address(sender):
         raise ServerError(ErrorKind.INVALID, f"the request names no order of {sender}")
     patients = [c for c in resource.get("contained") or () if isinstance(c, dict) and c.get("resourceType")
                 == "Patient"]
@@ -295,10 +298,6 @@ class PriorsListener:
 def received(workflow, tenant: str, s: gw.SetRow, reply) -> gw.SetRow:
     """A set of priors arrived at A (already imported as it is): recorded on A's order Task, which is completed
     when every study B found has arrived."""
-    import dataclasses
-
-    from server.gateway.workflow import move_task
-
     study = s.study_uid
     with workflow.fhir.store.transaction(tenant, write=True) as tx:
         stored = tx.current("Task", reply.order_task)
@@ -373,7 +372,6 @@ def receive_request(workflow, tenant: str, sender: str, resource: dict) -> None:
         if rows and auto:
             send(workflow, tx, task, {**sr, "id": sr_id}, sender)
         else:
-            from server.gateway.workflow import queue_message, status_report
             queue_message(workflow, tx, sender, {**sr, "id": sr_id}, status_report(
                 task, order=query.order, site_address=site.address, outputs=for_a(outputs)), task.get("priority"))
     log.info("tenant %s: request for prior images %s from %s: %d studies found, %s", tenant, query.order, sender,
@@ -396,8 +394,6 @@ def _patient(fhir: FhirService, tx, principal, patient: dict) -> str:
 
 def send(workflow, tx: FhirTx, task: dict, sr: dict, address: str) -> int:
     """The transfer jobs of the studies a priors Task lists (to ``address``, A) and the status report: in ``tx``."""
-    from server.gateway.workflow import queue_message, status_report
-
     site = workflow.sites.of_tenant(tx.tenant)
     order = next(i["value"] for i in sr.get("identifier") or () if i.get("system") == ORDER_SYSTEM)
     outputs = for_a([o for o in task.get("output") or () if isinstance(o, dict)])

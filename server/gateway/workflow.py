@@ -45,20 +45,24 @@ import pydicom
 
 from server.config import Settings
 from server.dicom.deidentify import Options as DeidOptions, Pseudonymizer, PseudonymMap, relink
-from server.dicom.encapsulate import (MAX_TITLE, encapsulated_pdf, extract_pdf, pdf_from_fhir_attachment,
+from server.dicom.encapsulate import (MAX_TITLE, encapsulated_pdf, extract_pdf,
                                       study_context_from)
 from server.dicom.parse import parse_part10
 from server.errors import ErrorKind, ServerError
-from server.fhir.model import parse_resource
 from server.fhir.service import FhirService
-from server.fhir.task import BUSINESS_STATUS_SYSTEM, TaskState
+from server.fhir.task import TaskState
 from server.gateway.directory import Recipient, recipient_by_address, system_principal
 from server.gateway.jobs import priority_of
 from server.gateway import priors
-from server.gateway.orders import EXTRA_PARTS_VERSIONS, REPORT_SOP_PREFIXES, REPORT_TITLE
+from server.gateway.messages import (  # noqa: F401 (the report vocabulary is re-exported for callers)
+                                     CONSULT_KIND_SYSTEM, CONSULT_TASK_SYSTEM, MAX_TEXT, ORDER_SYSTEM, SET_SYSTEM,
+                                     TASK_PROFILE, _priority, _study_of, _text, is_legacy, is_priors, move_task,
+                                     order_identifier_of, parse_report, queue_message, reported_order,
+                                     split_order_identifier, status_report)
+from server.gateway.orders import EXTRA_PARTS_VERSIONS, REPORT_SOP_PREFIXES, REPORT_TITLE, report_pdf
 from server.gateway.service import new_job
 from server.gateway.sites import Sites, normalize_address
-from server.gateway.tasks import CONSULTANT_CODES, ORDER_INTERMEDIATE, instant, steps, task_hook
+from server.gateway.tasks import CONSULTANT_CODES, instant, task_hook  # noqa: F401 (CONSULTANT_CODES re-exported)
 from server.security.tokens import Principal
 from server.store import gateway as gw
 from server.store.archive import Archive
@@ -69,11 +73,6 @@ from server.store.imaging import ImagingIndex
 log = logging.getLogger(__name__)
 
 BASE = "https://telerad-bridge.de/fhir"
-ORDER_SYSTEM = f"{BASE}/sid/order"  # "<A's ServiceRequest id>@<A's address>" (server.gateway.orders)
-SET_SYSTEM = f"{BASE}/sid/drg-set"
-CONSULT_TASK_SYSTEM = f"{BASE}/sid/consult-task"  # B's consult Task as it travels: "<Task id>@<B's address>"
-TASK_PROFILE = f"{BASE}/StructureDefinition/teleconsult-task"
-CONSULT_KIND_SYSTEM = f"{BASE}/CodeSystem/consult-kind"
 DICOM_UID_SYSTEM, OID_PREFIX = "urn:dicom:uid", "urn:oid:"
 LOINC = "http://loinc.org"
 REPORT_CODE = {"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}
@@ -100,100 +99,9 @@ REASON_TEXT = {"rejected": "vom Konsiliarius abgelehnt", "cancelled": "vom Konsi
                "failed": "beim Konsiliarius gescheitert"}
 #: B's statuses reported to A (a new consult is ``requested``; ``draft``/``ready`` never happen to it)
 REPORTED = frozenset(ORDER_BY_CONSULT) - {"completed"}
-MAX_TEXT = 1000
 
 
 # ---- pure ---------------------------------------------------------------------------------------------------
-def split_order_identifier(value: object) -> tuple[str, str] | None:
-    """``<ServiceRequest id>@<site address>`` -> (id, normalized address); None when it is not one."""
-    if not isinstance(value, str) or "@" not in value or len(value) > 512:
-        return None
-    rid, _, address = value.partition("@")
-    address = normalize_address(address)
-    if not rid or "@" not in address:
-        return None
-    return rid, address
-
-
-def order_identifier_of(resource: dict, system: str = ORDER_SYSTEM) -> str | None:
-    """The value of a resource's identifier in ``system`` (the first)."""
-    for ident in resource.get("identifier") or ():
-        if isinstance(ident, dict) and ident.get("system") == system and isinstance(ident.get("value"), str):
-            return ident["value"]
-    return None
-
-
-def is_priors(sr: dict) -> bool:
-    """A request for prior images (consult-kind prior-request), sent or received."""
-    return any(isinstance(c, dict) and c.get("system") == CONSULT_KIND_SYSTEM and c.get("code") == "prior-request"
-               for c in (sr.get("code") or {}).get("coding") or ())
-
-
-def is_legacy(sr: dict) -> bool:
-    """A consult received from a legacy DRG gateway: its order identifier is the set's (no order.json came)."""
-    order, drg_set = order_identifier_of(sr), order_identifier_of(sr, SET_SYSTEM)
-    return order is not None and order == drg_set
-
-
-def _text(value: object) -> str | None:
-    return value.strip()[:MAX_TEXT] if isinstance(value, str) and value.strip() else None
-
-
-def status_report(task: dict, *, order: str, site_address: str, outputs: list[dict] | None = None) -> dict:
-    """The consult Task ``task`` as B reports it to A (a FHIR R4 Task, no patient data): status, statusReason,
-    businessStatus, notes, lastModified; ``basedOn`` A's order identifier ``order``; ``outputs`` e.g. the reports
-    that travel in the reply set."""
-    report: dict = {
-        "resourceType": "Task",
-        "identifier": [{"system": CONSULT_TASK_SYSTEM, "value": f"{task.get('id')}@{site_address}"}],
-        "basedOn": [{"type": "ServiceRequest", "identifier": {"system": ORDER_SYSTEM, "value": order}}],
-        "status": task.get("status"),
-        "intent": task.get("intent") or "order",
-        "priority": task.get("priority") or "routine",
-        "lastModified": task.get("lastModified") or instant(time.time()),
-    }
-    for key in ("statusReason", "businessStatus", "code"):
-        if isinstance(task.get(key), dict):
-            report[key] = task[key]
-    notes = [{"text": t} for t in (_text(n.get("text")) for n in task.get("note") or () if isinstance(n, dict)) if t]
-    if notes:
-        report["note"] = notes
-    owner = task.get("owner")
-    if isinstance(owner, dict) and _text(owner.get("display")):
-        report["owner"] = {"display": _text(owner["display"])}
-    if outputs:
-        report["output"] = outputs
-    return report
-
-
-def parse_report(data: bytes) -> dict:
-    """A workflow message's resource as a structure-checked R4 resource dict; INVALID otherwise."""
-    try:
-        resource = json.loads(data.decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ServerError(ErrorKind.INVALID, f"workflow.json is no JSON: {exc}") from exc
-    if not isinstance(resource, dict) or resource.get("resourceType") not in ("Task", "ServiceRequest"):
-        raise ServerError(ErrorKind.INVALID, "workflow.json is neither a Task nor a ServiceRequest")
-    stand_in = {"subject": resource.get("subject") or {"display": "patient"}} \
-        if resource["resourceType"] == "ServiceRequest" else {}
-    parse_resource({**resource, **stand_in})  # INVALID with the element at fault
-    return resource
-
-
-def reported_order(report: dict, site_address: str) -> str:
-    """Our ServiceRequest id a Task report is about; INVALID when it names no order of ``site_address``."""
-    for ref in report.get("basedOn") or ():
-        ident = (ref or {}).get("identifier") if isinstance(ref, dict) else None
-        if isinstance(ident, dict) and ident.get("system") == ORDER_SYSTEM:
-            split = split_order_identifier(ident.get("value"))
-            if split is not None and split[1] == normalize_address(site_address):
-                return split[0]
-            raise ServerError(ErrorKind.INVALID, f"the report names the order {str(ident.get('value'))[:120]!r}, "
-                                                 f"not one of {site_address}")
-    raise ServerError(ErrorKind.INVALID, "the report names no order (Task.basedOn identifier "
-                                         f"{ORDER_SYSTEM})")
-
-
 def pseudonym_map(secret_hex: str, options_json: str | None, uids: list[str],
                   patients: list[tuple[str, str]]) -> PseudonymMap:
     """The map an anonymised transfer used, rebuilt from the job's secret: the keyed derivation gives every
@@ -236,47 +144,6 @@ def diagnostic_report(*, sop_uid: str, title: str, pdf: bytes | None, request: s
     return report
 
 
-def _state(task: dict, state: TaskState, when: float, reason: str | None = None,
-           output: list[dict] | None = None) -> dict:
-    """``task`` in ``state`` (meta reduced to the profile, a reason for failures, outputs added once)."""
-    new = {k: v for k, v in task.items() if k not in ("meta", "statusReason")}
-    new["meta"] = {"profile": (task.get("meta") or {}).get("profile", [TASK_PROFILE])}
-    new["status"] = state.status
-    new["businessStatus"] = {"coding": [{"system": BUSINESS_STATUS_SYSTEM, "code": state.business_status}]}
-    new["lastModified"] = instant(when)
-    if reason and state.status in ("failed", "rejected", "cancelled", "on-hold"):
-        new["statusReason"] = {"text": reason[:MAX_TEXT]}
-    if output:
-        known = task.get("output") or []
-        new["output"] = known + [o for o in output if o not in known]
-    return new
-
-
-def move_task(fhir: FhirService, tx: FhirTx, task_id: str, wanted: TaskState, when: float, *,
-              reason: str | None = None, output: list[dict] | None = None, note: str | None = None) -> bool:
-    """Move a Task to ``wanted`` along legal transitions (intermediate versions on the way); False when it is
-    terminal already or gone. Writing the same state again changes nothing."""
-    stored = tx.current("Task", task_id, lock=True)
-    if stored is None or stored.deleted:
-        return False
-    old = stored.resource()
-    path = steps(old.get("status"), wanted, ORDER_INTERMEDIATE)
-    if path is None:
-        return False
-    principal = system_principal(tx.tenant)
-    for i, state in enumerate(path):
-        last = i == len(path) - 1
-        new = _state(old, state, when, reason if last else None, output if last else None)
-        if last and note and all(n.get("text") != note for n in old.get("note") or ()):
-            new["note"] = [*(old.get("note") or []), {"text": note[:MAX_TEXT]}]
-        if all(new.get(k) == old.get(k) for k in ("status", "businessStatus", "statusReason", "output", "note")):
-            continue
-        fhir.update_in(tx, principal, new, None, "/fhir")
-        old = new
-    return True
-
-
-# ---- at the consulting site (B) ------------------------------------------------------------------------------
 class ReplyListener:
     """FHIR write listener at B: a received consult's Task, moved by B's EHR, is reported to A (module docstring)."""
 
@@ -425,15 +292,9 @@ class ReplyListener:
             ids = [r["id"] for r in found]
         for rid in ids:
             stored = tx.current("DiagnosticReport", rid)
-            if stored is None or stored.deleted:
-                continue
-            report = stored.resource()
-            for form in report.get("presentedForm") or ():
-                if isinstance(form, dict) and str(form.get("contentType", "")).split(";")[0].strip().lower() \
-                        in (PDF, "application/x-pdf"):
-                    code = report.get("code") or {}
-                    title = code.get("text") or form.get("title") or REPORT_TITLE
-                    return pdf_from_fhir_attachment(form), str(title)[:MAX_TITLE].replace("\\", "/")
+            found = report_pdf(stored.resource()) if stored is not None and not stored.deleted else None
+            if found is not None:
+                return found
         return None
 
     def _encapsulate(self, tenant: str, study_uid: str, pdf: bytes, title: str) -> tuple[str, str, str]:
@@ -446,43 +307,11 @@ class ReplyListener:
         return sop_uid, gw.store_blob(self.blobs, data), title
 
 
-def queue_message(owner, tx: FhirTx, address: str, sr: dict, report: dict, priority: object = None) -> gw.Job:
-    """Queue, in ``tx``, the workflow message carrying ``report`` to the site ``address`` about the received order
-    ``sr`` (``owner``: a ReplyListener or Workflow: settings, sites, fhir, clock)."""
-    target = recipient_by_address(owner.fhir, tx.tenant, address,
-                                  default_max_mail_size=owner.settings.default_max_mail_size)
-    site = owner.sites.of_tenant(tx.tenant)
-    new = gw.NewJob(
-        kind=gw.JOB_MESSAGE, study_uid=_study_of(sr) or "", instances=(), recipient_address=target.address,
-        sender_address=site.address, set_id=uuid.uuid4().hex,
-        priority=int(priority_of(_priority({"priority": priority}))),
-        recipient_endpoint=f"Endpoint/{target.endpoint_id}", recipient_fingerprint=target.fingerprint,
-        max_mail_size=target.max_mail_size, order_ref=f"ServiceRequest/{sr['id']}",
-        order_json=json.dumps(report, ensure_ascii=False, separators=(",", ":")))
-    job = gw.create_job_in(tx.conn, tx.tenant, new, owner.clock())
-    log.info("tenant %s: %s is %s: reported to %s (message job %s)", tx.tenant, report["identifier"][0]["value"],
-             report.get("status"), target.address, job.job_id)
-    return job
-
-
 def _output(sop_uid: str, title: str) -> dict:
     return {"type": {"text": "report"},
             "valueReference": {"type": "DiagnosticReport",
                                "identifier": {"system": DICOM_UID_SYSTEM, "value": f"{OID_PREFIX}{sop_uid}"},
                                "display": title}}
-
-
-def _priority(resource: dict) -> str:
-    value = resource.get("priority")
-    return value if value in ("routine", "urgent", "asap", "stat") else "routine"
-
-
-def _study_of(sr: dict) -> str | None:
-    for ref in sr.get("supportingInfo") or ():
-        literal = ref.get("reference") if isinstance(ref, dict) else None
-        if isinstance(literal, str) and literal.startswith("ImagingStudy/"):
-            return literal.split("/", 1)[1]
-    return None
 
 
 # ---- at the requesting site (A) ------------------------------------------------------------------------------

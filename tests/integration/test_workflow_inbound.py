@@ -581,9 +581,6 @@ def test_a_reply_set_is_relinked_imported_and_completes_the_order(lite, keys):
     assert [m["disposition"] for m in lite.mdns()] == ["displayed"] * 3
 
 
-@pytest.mark.xfail(strict=True, reason="Modified Dates (PS3.15 E.3.6): deidentify.relink (called by "
-                                       "Workflow.relinked) restores UIDs and patient but not the shifted dates, so "
-                                       "B's report enters A's real study with B's shifted StudyDate")
 def test_a_reply_to_an_order_with_modified_dates_gets_the_real_study_date(lite, keys):
     order, study, instances = place_anonymised_order(lite, "retain-longitudinal-modified-dates")
     pseudo = b_copy(order, instances[0])
