@@ -115,6 +115,10 @@ LONGITUDINAL_FLAG: Mapping[str, str] = MappingProxyType(
 )
 
 # Dummy values per VR for action D (PS3.15 E.1.1: "consistent with the VR"); UI and SQ are handled apart.
+#: Free content of SR content items (PS3.3 C.17.3 / Table C.17-5 value types) that Table E.1-1 has no row for:
+#: Text Value, Person Name, DateTime, Date, Time. Inside a sequence the table says D for, they are D as well.
+STRUCTURED_CONTENT = frozenset({0x0040A160, 0x0040A123, 0x0040A120, 0x0040A121, 0x0040A122})
+
 DUMMY_BY_VR: Mapping[str, Any] = MappingProxyType(
     {
         "AE": "ANONYMOUS", "AS": "000D", "CS": "ANONYMIZED", "DA": "19000101", "DT": "19000101000000",
@@ -557,8 +561,11 @@ class Pseudonymizer:
             burned_in_annotation=burned_in,
         )
 
-    def _clean(self, ds: Dataset, needles: tuple[str, ...]) -> None:
-        """Apply the table to every element of ``ds``, recursing into sequences (PS3.15 E.1.1)."""
+    def _clean(self, ds: Dataset, needles: tuple[str, ...], structured: bool = False) -> None:
+        """Apply the table to every element of ``ds``, recursing into sequences (PS3.15 E.1.1). ``structured``: an
+        item of a sequence the table says D for (e.g. Content Sequence): its free content (``STRUCTURED_CONTENT``,
+        rows the table does not list) is D too, dates are C under Modified Dates (E.3.3 Clean Structured Content is
+        not offered, so no original text survives; codes and references stay, which KOS and SR need)."""
         overlay_groups = set()
         for tag in list(ds.keys()):
             tag = int(tag)
@@ -571,6 +578,8 @@ class Pseudonymizer:
             rule = rule_for(self._profile, tag)
             elem = ds[tag]
             action = effective_action(rule, self._columns) if rule is not None else "K"
+            if structured and rule is None and tag in STRUCTURED_CONTENT:
+                action = "C" if self._options.retain_longitudinal == "modified" and elem.VR in ("DA", "DT") else "D"
             if action == "X" and group & 0xFF00 == 0x6000 and element == OVERLAY_DATA_ELEMENT:
                 overlay_groups.add(group)
             self._apply(ds, tag, elem, action, needles)
@@ -585,7 +594,7 @@ class Pseudonymizer:
             elem.value = Sequence() if _is_sequence(elem) else (b"" if elem.VR in ("OB", "OW", "UN") else None)
         elif _is_sequence(elem):  # D, U, K, C on a sequence: keep it, clean its items
             for item in elem.value:
-                self._clean(item, needles)
+                self._clean(item, needles, structured=action == "D")
         elif action == "U" or elem.VR == "UI":
             if action in ("U", "D"):
                 _map_values(elem, self.new_uid)

@@ -6,8 +6,8 @@ loopback (started once for the module), a real FHIR client (fhirpy) as the EHRs 
 * An anonymised order: what B stores is checked attribute by attribute against PS3.15 Table E.1-1 (every
   top-level row pydicom knows, ``tests/teleconsult_data.py``), UIDs replaced consistently across the study and
   its references; with clean-descriptors + retain-longitudinal-modified-dates dates shift by one number of days
-  and descriptions stay, cleaned. Known gap (xfail): free text in structured content (SR Text Value, a KOS's
-  description) travels verbatim.
+  and descriptions stay, cleaned. Free text in structured content (SR Text Value, a KOS's description) does not
+  travel.
 * Option combinations: key-images-only + with-report (PDF and SR reports), key-images-only + anonymised (the KOS
   points at the new UIDs); a note of 1,000 characters (not bytes) arrives unchanged.
 * Bad orders get 422 + OperationOutcome and nothing is stored or sent; an order for a study not there yet waits
@@ -275,11 +275,6 @@ def test_clean_descriptors_and_modified_dates_shift_dates_and_keep_cleaned_descr
     assert [u for u in original_uids(originals) if u.encode() in raw] == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server/dicom/deidentify.py Pseudonymizer._apply: D on a sequence (Content Sequence 0040,A730) keeps the "
-    "sequence and cleans its items only by Table E.1-1, which has no row for Text Value (0040,A160), so the free "
-    "text of an SR or a KOS description travels verbatim in an anonymised order (PS3.15 E.3.3: only the Clean "
-    "Structured Content option may retain structured content, cleaned)"))
 def test_an_anonymised_order_leaves_no_identity_in_the_structured_content(sites, logs):
     a, b = sites
     study, imgs = images(2)
