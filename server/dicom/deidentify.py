@@ -653,6 +653,20 @@ def _needles(ds: Dataset) -> tuple[str, ...]:
     return tuple(sorted(found, key=len, reverse=True))
 
 
+def identity_strings(data: bytes, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The identifying strings of an instance's patient (names, IDs, accession number, birth date in its written
+    forms) and ``extra`` ones (e.g. from the EHR's Patient), longest first: what ``scrub_text`` removes."""
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    found = set(_needles(ds)) | {e.strip() for e in extra if len(e.strip()) >= 2}
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def scrub_text(text: str, needles: tuple[str, ...]) -> str:
+    """Free text (an order's note or reason) without the identifying strings, each replaced by ``***``: the
+    Clean Descriptors rule (PS3.15 E.3.5) applied to text that travels beside an anonymised study."""
+    return _scrub(text, needles)
+
+
 def _scrub(text: str, needles: tuple[str, ...]) -> str:
     """``text`` without the identifying strings (case-insensitive, whole words only)."""
     for needle in needles:

@@ -48,8 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.config import Settings
-from server.dicom.deidentify import DEID_CODES, EXCLUDE_BURNED_IN, OPTION_CODES, has_burned_in_annotation, \
-    options_from_codes
+from server.dicom.deidentify import (DEID_CODES, EXCLUDE_BURNED_IN, OPTION_CODES, has_burned_in_annotation,
+                                     identity_strings, options_from_codes, scrub_text)
 from server.dicom.deidentify import Options as DeidOptions
 from server.dicom.encapsulate import MAX_TITLE, encapsulated_pdf, pdf_from_fhir_attachment, study_context_from
 from server.dicom.kos import InstanceRef, is_key_object, key_object_references, select_key_images
@@ -518,6 +518,31 @@ class OrderListener:
             chosen |= {r.sop_uid for r in rows if r.sop_class_uid.startswith(REPORT_SOP_PREFIXES)}
         return [r.sop_uid for r in rows if r.sop_uid in chosen]
 
+    def _scrubbed(self, tx: FhirTx, sr: dict, order: Order, note: str | None) -> tuple[dict, str | None]:
+        """``sr`` (its notes and reason texts) and ``note`` without the patient's names, IDs, accession number and
+        birth date, as the study's DICOM and the EHR's Patient have them (``deidentify.scrub_text``)."""
+        extra: list[str] = []
+        ref = (sr.get("subject") or {}).get("reference")
+        stored = tx.current("Patient", ref.split("/", 1)[1]) if isinstance(ref, str) and ref.startswith(
+            "Patient/") else None
+        if stored is not None and not stored.deleted:
+            patient = stored.resource()
+            for name in patient.get("name") or ():
+                extra += [name.get("family") or "", *(name.get("given") or ()), name.get("text") or ""]
+            extra += [i.get("value") or "" for i in patient.get("identifier") or () if isinstance(i, dict)]
+        rows = self.archive.instances(tx.tenant, order.study_uid)
+        needles = identity_strings(self._blob(rows[0].blob), tuple(e for e in extra if isinstance(e, str)))
+
+        def clean(text: object) -> object:
+            return scrub_text(text, needles) if isinstance(text, str) else text
+        out = {**sr}
+        if sr.get("note"):
+            out["note"] = [{**n, "text": clean(n.get("text"))} if isinstance(n, dict) else n for n in sr["note"]]
+        if sr.get("reasonCode"):
+            out["reasonCode"] = [{**r, "text": clean(r.get("text"))} if isinstance(r, dict) and r.get("text")
+                                 else r for r in sr["reasonCode"]]
+        return out, clean(note) if note else note
+
     def _blob(self, digest: str) -> bytes:
         try:
             return self.blobs.path_of(digest).read_bytes()
@@ -538,12 +563,15 @@ class OrderListener:
         def pick(instances: list[str]) -> list[str]:
             kept = [uid for uid in instances if uid in chosen]
             return [*kept, report[0]] if report is not None else kept
+        note = order.note
+        if anonymised:  # the texts that travel beside an anonymised study lose the patient's identity too
+            sr, note = self._scrubbed(tx, sr, order, note)
         new = new_job(
             self.index, self.fhir, self.sites, tenant, study_uid=order.study_uid, recipient=target,
             priority=int(priority_of(order.priority)), pick=pick, report_blob=report[1] if report else None,
             order_ref=f"ServiceRequest/{order.id}", order_task=task_id,
             send_options=",".join(sorted(order.options)) or None,
-            note=order.note if SHORT_NOTE in order.options and extra_parts else None,
+            note=note if SHORT_NOTE in order.options and extra_parts else None,
             order_json=order_part(_with_requester_name(tx, sr), site_address=address).data.decode("utf-8")
             if extra_parts else None,
             deid_secret=secrets.token_hex(32) if anonymised else None,

@@ -121,3 +121,26 @@ def test_with_report_the_diagnostic_report_travels_as_an_encapsulated_pdf(world,
     assert not any(p.content_type == "text/plain" for i in inners for p in i.parts)  # no short-note asked
     [order] = [p for p in report.parts if p.filename == "order.json"]
     assert json.loads(order.data)["requester"] == {"display": "Klinikum A"}  # the requesting Organization's name
+
+
+def test_an_anonymised_order_s_note_and_reason_lose_the_patient_s_identity(world, keys):
+    w = world
+    study = "1.2.826.0.1.3680043.10.79"
+    w.store(1, study)
+    sr = {"resourceType": "ServiceRequest", "status": "active", "intent": "order", "priority": "routine",
+          "code": {"coding": [{"system": f"{BASE}/CodeSystem/consult-kind", "code": "teleconsult"}]},
+          "orderDetail": [{"coding": [{"system": f"{BASE}/CodeSystem/send-option", "code": c}]}
+                          for c in ("anonymised", "short-note")],
+          "subject": {"reference": "Patient/p1"}, "requester": {"reference": "Organization/klinik-a"},
+          "performer": [{"reference": "HealthcareService/siteb-teleradiology"}],
+          "supportingInfo": [{"reference": f"ImagingStudy/{study}"}],
+          "reasonCode": [{"text": "Verlauf bei Jürgen Müller"}],
+          "note": [{"text": "Pat. Müller (PID-1), geb. 01.01.1960: Rundherd?"}]}
+    assert w.fhir.create(system_principal(A), "ServiceRequest", sr, base="").status == 201
+    assert w.sender.send_due() == 1
+    inner = _decrypt(drg.parse_outer(w.capture.mails[0]), keys)
+    [note] = [p.data.decode("utf-8") for p in inner.parts if p.content_type == "text/plain"]
+    [order] = [json.loads(p.data) for p in inner.parts if p.content_type == "application/fhir+json"]
+    assert note == "Pat. *** (***), geb. ***: Rundherd?" == order["note"][0]["text"]
+    assert order["reasonCode"] == [{"text": "Verlauf bei *** ***"}]
+    assert "Müller" not in json.dumps(order, ensure_ascii=False) and b"PID-1" not in inner.parts[0].data
