@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ ANY = "*"
 PIXEL_DATA = "7FE00010"
 EXTENDED_OFFSET_TABLE = "7FE00001"
 CACHE_SIZE = 512
+ROW_CACHE_SIZE, ROW_TTL = 4096, 1.0  # instance rows kept for frame requests, seconds each is trusted
+FAST_BYTES = 2 * 1024 * 1024  # frame bytes of one request read on the event loop when nothing needs decoding
 
 # PS3.18 Table 8.7.3-5 (frames): media type -> transfer syntaxes, the default first. application/octet-stream
 # carries native frames (Explicit VR Little Endian); with transfer-syntax=* it carries the stored syntax.
@@ -217,21 +220,22 @@ def multipart_body(status: int, type_param: str, parts: Sequence[tuple[dict[str,
 
 
 class FrameIndexCache:
-    """A thread-safe LRU of FrameIndex by blob digest (blobs are content-addressed, so entries never go stale)."""
+    """A thread-safe LRU: FrameIndex by blob digest (blobs are content-addressed, so entries never go stale), or
+    any other value by any hashable key (the instance rows of ``FrameService._row``)."""
 
     def __init__(self, size: int = CACHE_SIZE) -> None:
         self.size = size
-        self._items: OrderedDict[str, FrameIndex] = OrderedDict()
+        self._items: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> FrameIndex | None:
+    def get(self, key):
         with self._lock:
             value = self._items.get(key)
             if value is not None:
                 self._items.move_to_end(key)
             return value
 
-    def put(self, key: str, value: FrameIndex) -> None:
+    def put(self, key, value) -> None:
         with self._lock:
             self._items[key] = value
             self._items.move_to_end(key)
@@ -246,12 +250,32 @@ class FrameService:
         self.blobs = blobs
         self.archive = archive
         self.cache = FrameIndexCache(cache_size)
+        self.rows = FrameIndexCache(ROW_CACHE_SIZE)  # (tenant, study, series, sop) -> (expiry, row)
 
     async def frames(self, tenant: str, study: str, series: str, sop: str, frame_list: str,
                      accept: str | None, range_header: str | None) -> Body:
-        """The frames of ``frame_list`` as negotiated; a Range applies to a single frame's bytes."""
+        """The frames of ``frame_list`` as negotiated; a Range applies to a single frame's bytes. When the row and
+        the frame map are in memory and the stored syntax is served, the work is a few ``pread`` calls of page-cached
+        bytes and runs on the event loop (a worker-thread hop would cost more than it); otherwise in a worker thread
+        (SQL, offset tables, codecs)."""
+        fast = self._cached(tenant, study, series, sop)
+        if fast is not None:
+            row, index = fast
+            numbers = parse_frame_list(frame_list, len(index.spans))
+            choice = negotiate_frames(accept, index.transfer_syntax, index.desc, len(numbers) == 1)
+            size = sum(length for n in numbers for _, length in index.spans[n - 1].pieces)
+            if choice.transfer_syntax == index.transfer_syntax and size <= FAST_BYTES:
+                return self._answer(row, index, numbers, choice, range_header)
         return await anyio.to_thread.run_sync(
             self._frames, tenant, study, series, sop, frame_list, accept, range_header)
+
+    def _cached(self, tenant: str, study: str, series: str, sop: str):
+        """(row, FrameIndex) of an instance when both are in memory and fresh, else None."""
+        hit = self.rows.get((tenant, study, series, sop))
+        if hit is None or hit[0] <= time.monotonic():
+            return None
+        index = self.cache.get(hit[1].blob)
+        return (hit[1], index) if index is not None else None
 
     def _frames(self, tenant: str, study: str, series: str, sop: str, frame_list: str,
                 accept: str | None, range_header: str | None) -> Body:
@@ -259,6 +283,9 @@ class FrameService:
         index = self.frame_index(tenant, row)
         numbers = parse_frame_list(frame_list, len(index.spans))
         choice = negotiate_frames(accept, index.transfer_syntax, index.desc, len(numbers) == 1)
+        return self._answer(row, index, numbers, choice, range_header)
+
+    def _answer(self, row, index: FrameIndex, numbers: list[int], choice: Choice, range_header: str | None) -> Body:
         part_type = f"{choice.media_type}; transfer-syntax={choice.transfer_syntax}"
         payloads = self.read_frames(row.blob, index, numbers, choice.transfer_syntax)
         if len(payloads) == 1:
@@ -282,9 +309,18 @@ class FrameService:
         return [tc.convert_frame(data, index.transfer_syntax, target_ts, index.desc) for data in raw]
 
     def _row(self, tenant: str, study: str, series: str, sop: str):
+        """The instance's index row, from memory for ``ROW_TTL`` seconds after it was read (a frame request then
+        costs no SQL; an instance replaced meanwhile is served from its old, still stored blob for at most that
+        long, as the WSI tiles do). Unknown instances are never remembered."""
+        key = (tenant, study, series, sop)
+        now = time.monotonic()
+        hit = self.rows.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
         rows = self.archive.instances(tenant, study, series, sop)
         if not rows:
             raise ServerError(ErrorKind.NOT_FOUND, "instance not found")
+        self.rows.put(key, (now + ROW_TTL, rows[0]))
         return rows[0]
 
     def frame_index(self, tenant: str, row) -> FrameIndex:
