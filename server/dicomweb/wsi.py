@@ -22,7 +22,7 @@ import anyio
 
 from server.dicom.attributes import Level
 from server.dicom.wsi import Pyramid, TiledImage, describe
-from server.dicomweb.frames import FrameService, media_of
+from server.dicomweb.frames import FAST_BYTES, FrameService, media_of
 from server.errors import ErrorKind, ServerError
 from server.store.archive import Archive
 
@@ -105,8 +105,33 @@ class WsiService:
 
     async def tile(self, tenant: str, study: str, series: str, level: int, col: int, row: int,
                    if_none_match: str | None) -> Tile:
-        """The stored bytes of tile (col, row) of a level (0 = highest resolution); NOT_FOUND outside the grid."""
+        """The stored bytes of tile (col, row) of a level (0 = highest resolution); NOT_FOUND outside the grid.
+
+        When the pyramid and the level's frame map are in memory and fresh, the work is one ``pread`` of
+        page-cached bytes and runs on the event loop (as the frames service does); otherwise in a worker thread.
+        """
+        fast = self._cached_tile(tenant, study, series, level, col, row, if_none_match)
+        if fast is not None:
+            return fast
         return await anyio.to_thread.run_sync(self._tile, tenant, study, series, level, col, row, if_none_match)
+
+    def _cached_tile(self, tenant: str, study: str, series: str, level: int, col: int, row: int,
+                     if_none_match: str | None) -> Tile | None:
+        """The tile when everything it needs is cached and fresh and it is small, else None."""
+        cached = self.cache.get((tenant, study, series))
+        if cached is None or time.monotonic() - cached[1] >= self.recheck_seconds:
+            return None
+        entry = cached[0]
+        try:
+            image, number = entry.pyramid.tile(level, col, row)
+        except ServerError:
+            return None  # the worker-thread path checks the series again before answering 404
+        ref = entry.instances[image.sop_uid]
+        index = self.frames.cache.get(ref.blob)
+        if index is None or not 1 <= number <= len(index.spans) or \
+                sum(length for _, length in index.spans[number - 1].pieces) > FAST_BYTES:
+            return None
+        return self._frame(tenant, entry, image, number, if_none_match)
 
     async def associated(self, tenant: str, study: str, series: str, kind: str, if_none_match: str | None) -> Tile:
         """The single-frame LABEL, OVERVIEW or THUMBNAIL image of the slide as stored (PS3.3 C.8.12.4.1.1)."""
