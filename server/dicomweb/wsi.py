@@ -12,9 +12,7 @@ frames service's frame index, answered with the image media type of its transfer
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +20,7 @@ import anyio
 
 from server.dicom.attributes import Level
 from server.dicom.wsi import Pyramid, TiledImage, describe
-from server.dicomweb.frames import FAST_BYTES, FrameService, media_of
+from server.dicomweb.frames import FAST_BYTES, FrameIndexCache, FrameService, media_of
 from server.errors import ErrorKind, ServerError
 from server.store.archive import Archive
 
@@ -61,30 +59,6 @@ class Tile:
     etag: str
 
 
-class SlideCache:
-    """A thread-safe LRU of SlideEntry by (tenant, study, series), with the time each was last checked."""
-
-    def __init__(self, size: int = CACHE_SIZE) -> None:
-        self.size = size
-        self._items: OrderedDict[tuple[str, str, str], tuple[SlideEntry, float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str, str]) -> tuple[SlideEntry, float] | None:
-        """The entry and the monotonic time it was last checked against the series' revision."""
-        with self._lock:
-            item = self._items.get(key)
-            if item is not None:
-                self._items.move_to_end(key)
-            return item
-
-    def put(self, key: tuple[str, str, str], entry: SlideEntry, checked: float) -> None:
-        with self._lock:
-            self._items[key] = (entry, checked)
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-
 def _etag_matches(if_none_match: str | None, etag: str) -> bool:
     """RFC 9110 13.1.2: ``*`` or any listed (weak-compared) entity tag."""
     if not if_none_match:
@@ -100,7 +74,7 @@ class WsiService:
                  recheck_seconds: float = RECHECK_SECONDS) -> None:
         self.archive = archive
         self.frames = frames
-        self.cache = SlideCache(cache_size)
+        self.cache = FrameIndexCache(cache_size)  # (tenant, study, series) -> (SlideEntry, checked at)
         self.recheck_seconds = recheck_seconds
 
     async def tile(self, tenant: str, study: str, series: str, level: int, col: int, row: int,
@@ -195,7 +169,7 @@ class WsiService:
             raise ServerError(ErrorKind.NOT_FOUND, "series not found")
         entry = cached[0] if cached is not None and cached[0].revision == revision else \
             self._build(tenant, study, series, revision)
-        self.cache.put(key, entry, now)
+        self.cache.put(key, (entry, now))
         return entry
 
     def _build(self, tenant: str, study: str, series: str, revision: str) -> SlideEntry:
