@@ -14,7 +14,7 @@ from server.fhir.subscription import activate as activate_subscription
 from server.fhir.validation import check_content
 from server.fhir.imaging import ImagingStudyProjection, Options
 from server.fhir.service import FhirService, Listener, Projection, Validator
-from server.gateway.orders import OrderListener
+from server.gateway.orders import GatewayListener, OrderListener
 from server.gateway.priors import PriorsListener
 from server.gateway.workflow import ReplyListener
 from server.gateway.sites import Sites
@@ -54,6 +54,6 @@ def build_service(settings: Settings, engine: Engine, *, sites: Sites | None = N
     service = FhirService(FhirStore(engine), validators=validators(settings),
                           listeners=listeners(settings, engine, sites), projections=projections(settings, engine))
     for listener in service.listeners:
-        if isinstance(listener, (OrderListener, ReplyListener)):
+        if isinstance(listener, GatewayListener):
             listener.bind(service)
     return service

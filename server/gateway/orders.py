@@ -371,9 +371,9 @@ def _with_requester_name(tx: FhirTx, sr: dict) -> dict:
 
 
 # ---- the listener -------------------------------------------------------------------------------------------
-class OrderListener:
-    """FHIR write listener: a new teleconsult ServiceRequest makes its order Tasks and transfer jobs in the write
-    transaction (see the module docstring). ``bind`` gives it the FhirService it writes through."""
+class GatewayListener:
+    """What the gateway's FHIR write listeners share (orders here, replies in ``server.gateway.workflow``): the
+    archive, blob store and our sites, and the FhirService they write through (``bind``)."""
 
     def __init__(self, settings: Settings, engine, *, sites: Sites | Callable[[], Sites] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -400,6 +400,11 @@ class OrderListener:
         elif callable(sites) and not isinstance(sites, Sites):
             sites = sites()
         return sites
+
+
+class OrderListener(GatewayListener):
+    """FHIR write listener: a new teleconsult ServiceRequest makes its order Tasks and transfer jobs in the write
+    transaction (see the module docstring). ``bind`` gives it the FhirService it writes through."""
 
     def __call__(self, tx: FhirTx, principal: Principal, interaction: str, new: Stored, old: Stored | None) -> None:
         if interaction != "create" or new.resource_type != "ServiceRequest" or new.deleted or self.fhir is None:

@@ -59,10 +59,10 @@ from server.gateway.messages import (  # noqa: F401 (the report vocabulary is re
                                      TASK_PROFILE, _priority, _study_of, _text, is_legacy, is_priors, move_task,
                                      order_identifier_of, parse_report, queue_message, reported_order,
                                      split_order_identifier, status_report)
-from server.gateway.orders import EXTRA_PARTS_VERSIONS, REPORT_SOP_PREFIXES, REPORT_TITLE, report_pdf
+from server.gateway.orders import EXTRA_PARTS_VERSIONS, REPORT_SOP_PREFIXES, REPORT_TITLE, GatewayListener, report_pdf
 from server.gateway.service import new_job
 from server.gateway.sites import Sites, normalize_address
-from server.gateway.tasks import CONSULTANT_CODES, instant, task_hook  # noqa: F401 (CONSULTANT_CODES re-exported)
+from server.gateway.tasks import CONSULTANT_CODES, instant  # noqa: F401 (CONSULTANT_CODES re-exported)
 from server.security.tokens import Principal
 from server.store import gateway as gw
 from server.store.archive import Archive
@@ -144,33 +144,8 @@ def diagnostic_report(*, sop_uid: str, title: str, pdf: bytes | None, request: s
     return report
 
 
-class ReplyListener:
+class ReplyListener(GatewayListener):
     """FHIR write listener at B: a received consult's Task, moved by B's EHR, is reported to A (module docstring)."""
-
-    def __init__(self, settings: Settings, engine, *, sites: Sites | Callable[[], Sites] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.index = ImagingIndex(engine)
-        self.archive = Archive(engine)
-        self.blobs = BlobStore(settings.data_dir, fsync=settings.fsync)
-        self._sites = sites
-        self.clock = clock
-        self.fhir: FhirService | None = None
-        self.hook = None
-
-    def bind(self, fhir: FhirService) -> None:
-        self.fhir = fhir
-        self.hook = task_hook(fhir, "/fhir", strict=True)
-
-    @property
-    def sites(self) -> Sites:
-        sites = self._sites
-        if sites is None:
-            sites = self._sites = Sites.load(self.settings.data_dir)
-        elif callable(sites) and not isinstance(sites, Sites):
-            sites = sites()
-        return sites
 
     def __call__(self, tx: FhirTx, principal: Principal, interaction: str, new: Stored, old: Stored | None) -> None:
         if (self.fhir is None or new.resource_type != "Task" or new.deleted or old is None or old.deleted

@@ -329,3 +329,32 @@ def test_the_order_task_follows_its_transfer(client, world, app):
     assert _code(transfer)[0] == "failed" and _code(order) == ("failed", "failed")
     assert "550 no such user" in order["statusReason"]["text"]
     _valid(client, w, order)
+
+
+def test_bad_priors_requests_are_422_and_nothing_is_stored_or_sent(client, world, app):
+    """A request for prior images (server.gateway.priors.PriorsListener) that B could not search for, or that
+    cannot be sent, is refused with an OperationOutcome; no ServiceRequest, Task or message job is left."""
+    w = world
+    client.put("/fhir/Patient/anon", json={"resourceType": "Patient", "id": "anon"}, headers=w["a"])
+    bad = {
+        "no identifier": (_sr(code="prior-request", subject={"reference": "Patient/anon"}), "ServiceRequest.subject"),
+        "unknown recipient": (_sr(code="prior-request", performer="HealthcareService/nowhere"),
+                              "ServiceRequest.performer[0]"),
+        "expired key": (_sr(code="prior-request", performer="Organization/nokey"), "ServiceRequest.performer[0]"),
+        "note too long": (_sr(code="prior-request", note="x" * 1001), "ServiceRequest.note"),
+    }
+    for what, (sr, where) in bad.items():
+        del sr["supportingInfo"]
+        r = _post(client, w, sr)
+        assert r.status_code == 422, (what, r.text)
+        assert where in {e for i in r.json()["issue"] for e in i.get("expression", [])}, (what, r.text)
+    assert _jobs(app) == []
+    assert client.get("/fhir/ServiceRequest", headers=w["a"]).json()["total"] == 0
+    assert client.get("/fhir/Task", headers=w["a"]).json()["total"] == 0
+    client.put("/fhir/Patient/known", json={"resourceType": "Patient", "id": "known", "identifier": [
+        {"system": "urn:oid:1.2.3", "value": "PID-1"}]}, headers=w["a"])
+    good = _sr(code="prior-request", subject={"reference": "Patient/known"})
+    del good["supportingInfo"]
+    assert _post(client, w, good).status_code == 201
+    [job] = _jobs(app)
+    assert job.kind == gw.JOB_MESSAGE and json.loads(job.order_json)["contained"][0]["identifier"]
